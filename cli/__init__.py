@@ -1,0 +1,1 @@
+"""The ``regionclip`` command line: parses arguments, calls the library, prints."""

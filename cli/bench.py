@@ -1,0 +1,68 @@
+"""``regionclip bench``: images/s and per-stage cost of a model on synthetic inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from regionclip.bench import STAGE_NAMES, check_settings, parse_size, run_benchmark
+
+from . import options as O
+from .render import console, progress
+
+
+def bench(
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 1,
+    image_size: Annotated[str, typer.Option(help="Synthetic image size as HEIGHTxWIDTH.")] = "640x853",
+    labels: Annotated[int, typer.Option("--labels", help="Vocabulary size (synthetic labels, embedded once before timing).")] = 10,
+    proposals: Annotated[Optional[int], typer.Option(help="Proposals per image (default: the preset's).")] = None,
+    iters: Annotated[int, typer.Option(help="Timed batches.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed batches first (the first also counts FLOPs).")] = 2,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result here.")] = None,
+    model: O.Model = O.DEFAULT_MODEL,
+    clip_model: O.ClipModel = None,
+    clip_pretrained: O.ClipPretrained = None,
+    detector: O.Detector = None,
+    detector_weights: O.DetectorWeights = None,
+    mode: O.Mode = None,
+    device: O.Device = None,
+    precision: O.Precision = None,
+    set_: O.Set = None,
+) -> None:
+    """Time the pipeline on synthetic images: images/s, ms per stage, GFLOP/image, peak memory."""
+    size = parse_size(image_size)
+    check_settings(batch_size=batch_size, image_size=size, num_labels=labels, iters=iters, warmup=warmup,
+                   num_proposals=proposals)
+    sets = list(set_ or []) + ([f"proposals.num_proposals={proposals}"] if proposals is not None else [])
+    net = O.build_model(model, clip_model, clip_pretrained, detector, detector_weights, mode, device, precision, sets)
+    with progress(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=warmup + iters)
+        result = run_benchmark(net, batch_size=batch_size, image_size=size, num_labels=labels, iters=iters,
+                               warmup=warmup, progress=lambda done, total: bar.update(task, completed=done))
+    console.print(result_table(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {json_out}")
+
+
+def result_table(r: dict) -> Table:
+    s = r["settings"]
+    title = (f"{s['clip_model']} {s['mode']} + {s['detector']}, {s['precision']}, batch {s['batch_size']}, "
+             f"{s['image_size'][0]}x{s['image_size'][1]}, {s['num_proposals']} proposals, {s['num_labels']} labels "
+             f"on {r['device_name']}")
+    table = Table("measure", "median", "p10", "p90", title=title, caption=f"peak memory: {r['memory_kind']}")
+    table.add_row("images/s", f"{r['images_per_s']:.2f}", "", "")
+    for name, q in [("batch (ms)", r["batch_ms"])] + [
+            (f"  {STAGE_NAMES[k]} (ms)", v) for k, v in r["stages_ms"].items()]:
+        table.add_row(name, *(f"{q[k]:.2f}" for k in ("median", "p10", "p90")))
+    table.add_row("text encoding, once (ms)", f"{r['text_encode_ms']:.1f}", "", "")
+    table.add_row("boxes / image", f"{r['boxes_per_image']:.0f}", "", "")
+    table.add_row("GFLOP / image", f"{r['gflop_per_image']:.1f}", "", "")
+    table.add_row("achieved TFLOP/s", f"{r['achieved_tflops']:.3f}", "", "")
+    table.add_row("peak memory (MiB)", f"{r['peak_memory_mb']:.0f}", "", "")
+    return table

@@ -1,0 +1,220 @@
+"""Configs: YAML files read into plain nested dataclasses, with dotted ``key=value`` overrides.
+
+An unknown key raises ``BadConfig`` naming the closest known key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import BadConfig
+
+T = TypeVar("T")
+
+# Detection-oriented prompts: region crops are small, partial and off-centre, so the
+# templates talk about objects in a scene rather than about whole photos.
+DEFAULT_TEMPLATES = [
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of part of a {}.",
+    "there is a {} in the scene.",
+    "a {} in the scene.",
+    "an image of a {}.",
+    "a blurry photo of a {}.",
+    "a bright photo of a {}.",
+]
+
+
+@dataclass
+class ProposalConfig:
+    source: str = "rpn"  # rpn: RPN boxes with objectness; final: box-head output merged across classes
+    num_proposals: int = 300  # kept per image after the RPN's NMS; the main cost driver of region stages
+    pre_nms_top_n: int = 1000  # per feature level, before the RPN's NMS
+    nms_threshold: float = 0.7
+    min_size: int | None = None  # detector input short side; None keeps the builder's (800, or 320 for *_320_fpn)
+    max_size: int | None = None
+    # Multiplies every RPN anchor size (torchvision: 32..512 px). 0.5 suits small objects at native
+    # resolution, far cheaper than upsampling the image; the anchor count, so the weights, is unchanged.
+    anchor_scale: float = 1.0
+
+
+@dataclass
+class RegionConfig:
+    crop_scale: float = 1.5  # context around each box in crop mode; RegionCLIP-style crops see some scene
+    crop_batch_size: int = 256  # crops through the image tower at once
+    pool_short_side: int = 800  # dense-pass resolution in pool mode
+    pool_max_side: int = 1333
+    pool_variant: str = "regionclip"  # ResNet pool: regionclip (layer4 per region) | fast (layer4 once)
+
+
+@dataclass
+class TextConfig:
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    chunk_size: int = 512  # prompts per text-tower batch; bounds memory for long vocabularies
+    cache_dir: str | None = None  # on-disk embedding cache; None keeps the cache in memory only
+
+
+@dataclass
+class ScoringConfig:
+    logit_scale: float | None = 100.0  # None uses the CLIP model's learned scale
+    background: bool = False  # add a zero embedding as an extra "nothing here" class
+    objectness_weight: float = 0.5  # geometric-mean weight of RPN objectness; 0.5 is RegionCLIP's sqrt
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5  # per-class NMS
+    max_detections: int = 100
+    top_k: int = 1  # labels kept per box; mAP evaluation wants more than one
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    clip_model: str = "ViT-B-16"  # any open_clip architecture name
+    clip_pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none" (random init)
+    detector: str = "fasterrcnn_resnet50_fpn_v2"  # torchvision Faster R-CNN builder name
+    detector_weights: str = "coco"  # "coco", local checkpoint path, or "none"
+    checkpoint: str | None = None  # a regionclip checkpoint (CLIP + detector) overriding both
+    mode: str = "crop"  # crop | pool
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    regions: RegionConfig = field(default_factory=RegionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (known: {', '.join(options)})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except BadConfig:
+                continue
+        raise BadConfig(f"{where}: {value!r} is not a valid {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BadConfig(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise BadConfig(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise BadConfig(f"{where}: expected true/false, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    raise BadConfig(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            raise BadConfig(f"{where}: unknown key '{key}'{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise BadConfig(f"override '{item}' must look like key=value, e.g. optim.lr=3e-4")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise BadConfig(f"override '{item}': '{key}' is not a section")
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadConfig(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise BadConfig(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadConfig(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Read YAML ``path`` (or defaults) into ``cls``, then apply dotted ``overrides``."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return from_dict(cls, data, where=str(path) if path else "config")
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (beside checkpoints and run outputs)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def configs_dir() -> Path:
+    """The repository's ``configs/`` folder (installs are editable; see README)."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def model_preset_path(name: str) -> Path | None:
+    """``configs/models/NAME.yaml`` if it exists."""
+    path = configs_dir() / "models" / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
+def list_model_presets() -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))

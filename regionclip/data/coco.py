@@ -1,0 +1,181 @@
+"""``CocoDetection``: a COCO annotation file + image folder as torchvision-style training samples."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io as _io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+from torchvision.ops import clip_boxes_to_image
+
+from ..errors import BadAnnotations, BadConfig, BadInput
+from ..io import load_image, to_tensor
+
+Target = dict[str, Any]
+
+
+def _read_coco(path: Path) -> COCO:
+    """Validate and index a COCO instances file without pycocotools' prints."""
+    if not path.is_file():
+        raise BadAnnotations(
+            f"{path}: annotation file not found; pass a COCO instances_*.json "
+            "(`regionclip make-shapes DIR` writes a small one)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadAnnotations(f"{path}: not valid JSON ({exc}); expected a COCO instances file") from None
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    if missing:
+        raise BadAnnotations(
+            f"{path}: not a COCO instances file: missing list(s) {missing}; "
+            "expected a JSON object with 'images', 'annotations' and 'categories'"
+        )
+    for kind, keys in (("images", ("id", "file_name")), ("categories", ("id", "name")),
+                       ("annotations", ("id", "image_id", "category_id", "bbox"))):
+        for entry in data[kind]:
+            if not isinstance(entry, dict) or any(k not in entry for k in keys):
+                raise BadAnnotations(f"{path}: an entry in '{kind}' lacks one of {list(keys)}: {str(entry)[:120]}")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(_io.StringIO()):  # createIndex prints; the library never does
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(Dataset):
+    """Images and boxes of a COCO instances file, optionally restricted to some categories.
+
+    ``dataset[i]`` is ``(image, target)``:
+
+    - ``image``: float32 ``(3, H, W)`` RGB in [0, 1] (EXIF orientation applied), resized so the
+      longer side is at most ``max_side`` when given.
+    - ``target``: ``{"boxes": (N, 4) float32 xyxy in pixels of the RETURNED image,
+      "labels": (N,) int64 indices into ``category_names``, "image_id": int,
+      "orig_size": (H, W) of the file}``. An image without kept boxes gives ``boxes`` (0, 4).
+
+    Crowd annotations and boxes under 1 px wide or high are skipped; every image is kept, so
+    negatives (no boxes) train the detector to stay quiet. With ``train=True`` images are
+    flipped horizontally with probability ``hflip_prob`` (drawn from torch's RNG, so
+    ``torch.manual_seed`` and DataLoader worker seeding control it).
+
+    Args:
+        annotations: COCO instances JSON path.
+        images_dir: folder the images' ``file_name`` entries are relative to.
+        categories: names to keep, in label order (e.g. a split's ``base`` list); annotations of
+            other categories are dropped. ``None`` keeps every category, ordered by COCO id.
+    """
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        images_dir: str | Path,
+        categories: Sequence[str] | None = None,
+        train: bool = False,
+        max_side: int | None = None,
+        hflip_prob: float = 0.5,
+    ) -> None:
+        if max_side is not None and max_side < 1:
+            raise BadInput(f"max_side must be a positive number of pixels or None, but got {max_side}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise BadInput(f"hflip_prob must be in [0, 1], but got {hflip_prob}")
+        self.annotations_path = Path(annotations)
+        self.images_dir = Path(images_dir)
+        self.train = train
+        self.max_side = max_side
+        self.hflip_prob = hflip_prob
+        self._coco = _read_coco(self.annotations_path)
+
+        cats = sorted(self._coco.dataset["categories"], key=lambda c: c["id"])
+        id_by_name = {c["name"]: c["id"] for c in cats}
+        if categories is None:
+            names = [c["name"] for c in cats]
+        else:
+            names = list(dict.fromkeys(categories))
+            for name in names:
+                if name not in id_by_name:
+                    close = difflib.get_close_matches(name, list(id_by_name), n=1)
+                    hint = f"did you mean '{close[0]}'?" if close else f"known: {sorted(id_by_name)[:20]}"
+                    raise BadConfig(f"category '{name}' is not in {self.annotations_path}; {hint}")
+        self._names = names
+        label_by_cat_id = {id_by_name[n]: k for k, n in enumerate(names)}
+
+        # Parsed once: per image (id, file name, boxes xyxy, labels) in image-id order.
+        self._records: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        for image_id in sorted(self._coco.imgs):
+            boxes, labels = [], []
+            for ann in self._coco.imgToAnns.get(image_id, []):
+                label = label_by_cat_id.get(ann["category_id"])
+                if label is None or ann.get("iscrowd", 0):
+                    continue
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                if w < 1 or h < 1:
+                    continue
+                boxes.append([x, y, x + w, y + h])
+                labels.append(label)
+            self._records.append((
+                image_id,
+                self._coco.imgs[image_id]["file_name"],
+                np.asarray(boxes, np.float32).reshape(-1, 4),
+                np.asarray(labels, np.int64),
+            ))
+
+    @property
+    def category_names(self) -> list[str]:
+        """Label index -> category name (contiguous 0..C-1; not COCO ids)."""
+        return list(self._names)
+
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools index of the whole file (all categories), e.g. for ``COCOeval``."""
+        return self._coco
+
+    @property
+    def ids(self) -> list[int]:
+        """COCO image ids, in sample order."""
+        return [r[0] for r in self._records]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        image_id, file_name, boxes_np, labels_np = self._records[index]
+        image = to_tensor(load_image(self.images_dir / file_name))  # BadImage names the file
+        h, w = image.shape[-2:]
+        boxes = clip_boxes_to_image(torch.from_numpy(boxes_np.copy()), (h, w))
+        labels = torch.from_numpy(labels_np.copy())
+
+        if self.max_side is not None and max(h, w) > self.max_side:
+            scale = self.max_side / max(h, w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            # antialias: plain bilinear downsampling aliases thin edges that small boxes depend on.
+            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+            image = image.clamp_(0.0, 1.0)
+            boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+
+        if self.train and self.hflip_prob > 0 and torch.rand(()) < self.hflip_prob:
+            width = image.shape[-1]
+            image = image.flip(-1)
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+        target: Target = {"boxes": boxes, "labels": labels, "image_id": int(image_id), "orig_size": (int(h), int(w))}
+        return image, target
+
+    @staticmethod
+    def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+        return collate(batch)
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """DataLoader ``collate_fn``: images differ in size, so keep per-image lists, not a stack."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets

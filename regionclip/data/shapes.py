@@ -1,0 +1,251 @@
+"""Synthetic "coloured shapes" detection data set in COCO format, fully determined by a seed.
+
+Twelve categories, ``"<colour> <shape>"`` for colours red, green, blue, yellow and shapes circle,
+square, triangle, with COCO ids 1..12 in that (colour-major) order. Three of them form the
+novel split, so a base-trained detector can be tested on names it never saw boxes for; the
+novel names recombine a colour and a shape that the base split does contain separately.
+
+Every image draws from its own ``numpy.random.Generator`` seeded with ``(seed, split, index)``,
+so image ``i`` is the same whatever ``n_train``/``n_val`` are, and the same seed gives
+byte-identical JSON and identical pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import yaml
+
+from ..errors import BadInput
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 35, 35),
+    "green": (35, 170, 50),
+    "blue": (35, 70, 220),
+    "yellow": (240, 215, 35),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+CATEGORIES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+NOVEL: list[str] = ["red triangle", "green circle", "blue square"]
+BASE: list[str] = [name for name in CATEGORIES if name not in NOVEL]
+
+# Clutter uses colours that are not target colours, so it never looks like an unlabelled object.
+CLUTTER_COLOURS: list[tuple[int, int, int]] = [
+    (128, 128, 128), (60, 60, 60), (200, 200, 200),  # greys
+    (120, 75, 35), (150, 100, 60),  # browns
+    (120, 50, 140), (170, 110, 190),  # purples
+]
+
+MIN_SHAPE_PX = 16  # smallest object side; below this a colour/shape call is guesswork
+MAX_SHAPE_FRAC = 0.4  # largest object side as a fraction of the image's shorter side
+MAX_PAIR_IOU = 0.1  # shapes may touch and overlap slightly, never hide each other
+COLOUR_JITTER = 20  # per-channel +- around the nominal colour
+EMPTY_PROB = 0.05  # share of images with no objects (detectors must learn to say nothing)
+
+_SPLIT_CODES = {"train": 0, "val": 1}
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A muted solid, gradient or noise background, HxWx3 uint8 RGB."""
+
+    def muted() -> np.ndarray:
+        # Low saturation so backgrounds never read as one of the four target colours.
+        return float(rng.uniform(50, 210)) + rng.uniform(-25, 25, size=3)
+
+    kind = int(rng.integers(3))
+    if kind == 0:
+        img = np.broadcast_to(muted(), (h, w, 3)).astype(np.float32)
+    elif kind == 1:
+        a, b = muted(), muted()
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = xx * np.cos(angle) + yy * np.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+        img = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
+    else:
+        noise = rng.normal(0, rng.uniform(8, 25), size=(h, w, 3)).astype(np.float32)
+        noise = cv2.GaussianBlur(noise, (0, 0), float(rng.uniform(0.5, 3.0)))
+        img = muted()[None, None] + noise
+    return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _clutter(rng: np.random.Generator, img: np.ndarray) -> None:
+    """Thin lines and small blobs in non-target colours, drawn in place."""
+    h, w = img.shape[:2]
+    for _ in range(int(rng.integers(0, 7))):
+        colour = CLUTTER_COLOURS[int(rng.integers(len(CLUTTER_COLOURS)))]
+        p1 = (int(rng.integers(w)), int(rng.integers(h)))
+        p2 = (int(rng.integers(w)), int(rng.integers(h)))
+        cv2.line(img, p1, p2, colour, int(rng.integers(1, 3)), cv2.LINE_AA)
+    for _ in range(int(rng.integers(0, 9))):
+        colour = CLUTTER_COLOURS[int(rng.integers(len(CLUTTER_COLOURS)))]
+        centre = (int(rng.integers(w)), int(rng.integers(h)))
+        axes = (int(rng.integers(2, 7)), int(rng.integers(2, 7)))
+        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
+
+
+def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, side: int) -> np.ndarray:
+    """An HxW uint8 anti-aliased mask (0..255) of one shape whose extent is about ``side`` px."""
+    mask = np.zeros((h, w), np.uint8)
+    r = side / 2.0
+    cx = float(rng.uniform(r + 1, w - r - 1))
+    cy = float(rng.uniform(r + 1, h - r - 1))
+    if shape == "circle":
+        cv2.circle(mask, (round(cx), round(cy)), max(int(r), 1), 255, -1, cv2.LINE_AA)
+        return mask
+    if shape == "square":
+        # A small tilt only: at 45 degrees a square becomes a diamond, which is a different name.
+        tilt = np.deg2rad(rng.uniform(-15, 15))
+        edge = side / (np.cos(tilt) + abs(np.sin(tilt)))  # the tilted square's extent stays ``side``
+        offsets = [tilt + np.pi / 4 + k * np.pi / 2 for k in range(4)]
+        radius = edge / np.sqrt(2)
+    else:
+        angle = rng.uniform(0, 2 * np.pi)
+        offsets = [angle + k * 2 * np.pi / 3 for k in range(3)]
+        radius = r
+    pts = np.array([[cx + radius * np.cos(a), cy + radius * np.sin(a)] for a in offsets])
+    # Sub-pixel vertices (4 fractional bits) keep small shapes from snapping to a coarse grid.
+    cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    return mask
+
+
+def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def render_shapes_image(
+    rng: np.random.Generator,
+    size: int | tuple[int, int] = (384, 384),
+    max_objects: int = 6,
+    empty_prob: float = EMPTY_PROB,
+) -> tuple[np.ndarray, list[tuple[tuple[int, int, int, int], str]]]:
+    """Draw one image of coloured shapes on a cluttered background.
+
+    Args:
+        rng: the generator all randomness comes from (the image is a function of its state).
+        size: ``(height, width)`` in pixels, or one int for a square image; each side >= 64.
+        max_objects: at most this many shapes (fewer when placement would overlap too much).
+        empty_prob: chance of an image with no shapes at all.
+
+    Returns:
+        ``(rgb, objects)``: ``rgb`` is an HxWx3 uint8 RGB array; ``objects`` lists
+        ``(box_xyxy, name)`` with integer pixel boxes ``x1, y1, x2, y2`` (x2/y2 exclusive: the
+        tight box of the shape's pixels) and ``name`` one of ``CATEGORIES``. Boxes are amodal:
+        a later shape may cover a sliver of an earlier one.
+    """
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(h, w) < 64:
+        raise BadInput(f"image size must be at least 64 px a side, but got {h}x{w}")
+    img = _background(rng, h, w)
+    _clutter(rng, img)
+    objects: list[tuple[tuple[int, int, int, int], str]] = []
+    n = 0 if rng.random() < empty_prob else int(rng.integers(1, max_objects + 1))
+    max_side = max(MIN_SHAPE_PX + 1, int(MAX_SHAPE_FRAC * min(h, w)))
+    for _ in range(n):
+        for _attempt in range(30):
+            # Log-uniform sizes: as many small objects as large ones, as in real detection data.
+            side = int(np.exp(rng.uniform(np.log(MIN_SHAPE_PX), np.log(max_side))))
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            mask = _shape_mask(rng, shape, h, w, side)
+            ys, xs = np.nonzero(mask >= 128)
+            if len(xs) == 0:
+                continue
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            if all(_iou(box, other) <= MAX_PAIR_IOU for other, _ in objects):
+                break
+        else:
+            continue  # no room left for this one; fewer objects is fine
+        rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
+        alpha = mask.astype(np.float32)[..., None] / 255.0
+        img = (img * (1 - alpha) + rgb[None, None].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        objects.append((box, f"{colour} {shape}"))
+    return img, objects
+
+
+def split_dict() -> dict[str, list[str]]:
+    """The shapes base/novel split, as written to ``split.yaml``."""
+    return {"base": list(BASE), "novel": list(NOVEL)}
+
+
+def make_shapes(
+    out_dir: str | Path,
+    n_train: int = 2000,
+    n_val: int = 300,
+    seed: int = 0,
+    image_size: tuple[int, int] = (256, 512),
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Path]:
+    """Write the shapes data set: JPEGs, COCO annotations and the base/novel split.
+
+    Layout under ``out_dir``: ``train/*.jpg``, ``val/*.jpg``, ``annotations/instances_train.json``,
+    ``annotations/instances_val.json``, ``split.yaml``. COCO ``file_name`` is relative to the
+    split's image folder. Boxes are ``xywh`` in pixels; ``area`` is the box area.
+
+    Args:
+        image_size: ``(min, max)`` side in pixels; height and width are drawn independently.
+        progress: called with the number of images written so far after each image.
+
+    Returns:
+        Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
+        ``val_annotations``, ``split``.
+    """
+    lo, hi = int(image_size[0]), int(image_size[1])
+    if n_train < 0 or n_val < 0:
+        raise BadInput(f"image counts must be >= 0, but got train={n_train} val={n_val}")
+    if lo < 64 or hi < lo:
+        raise BadInput(f"image_size must be (min, max) with 64 <= min <= max, but got {image_size}")
+    out = Path(out_dir)
+    paths = {
+        "train_images": out / "train",
+        "val_images": out / "val",
+        "train_annotations": out / "annotations" / "instances_train.json",
+        "val_annotations": out / "annotations" / "instances_val.json",
+        "split": out / "split.yaml",
+    }
+    for key in ("train_images", "val_images"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+    paths["train_annotations"].parent.mkdir(parents=True, exist_ok=True)
+
+    written = 0
+    for split, count in (("train", n_train), ("val", n_val)):
+        images, annotations = [], []
+        for i in range(count):
+            rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
+            h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+            img, objects = render_shapes_image(rng, (h, w))
+            file_name = f"{i:06d}.jpg"
+            target = paths[f"{split}_images"] / file_name
+            if not cv2.imwrite(str(target), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                raise BadInput(f"could not write {target}: check that {out} is writable")
+            image_id = i + 1
+            images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
+            for (x1, y1, x2, y2), name in objects:
+                annotations.append({
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": CATEGORIES.index(name) + 1,
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                    "area": float((x2 - x1) * (y2 - y1)),
+                    "iscrowd": 0,
+                })
+            written += 1
+            if progress is not None:
+                progress(written)
+        coco = {
+            "info": {"description": f"regionclip synthetic shapes ({split})", "seed": seed},
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CATEGORIES)],
+        }
+        paths[f"{split}_annotations"].write_text(json.dumps(coco, indent=1) + "\n")
+    paths["split"].write_text(yaml.safe_dump(split_dict(), sort_keys=False))
+    return paths

@@ -1,0 +1,118 @@
+"""Image loading and input expansion: everything becomes an HxWx3 uint8 RGB array."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImage
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+
+def expand_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Expand files, directories (non-recursive, image extensions) and globs into paths.
+
+    Returns ``(paths, problems)``: ``problems`` holds one message per spec that matched no
+    image, so a batch can report them and go on. Order is stable (sorted within a spec).
+    """
+    paths: list[Path] = []
+    problems: list[str] = []
+    for spec in specs:
+        spec = str(spec)
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())
+            if not found:
+                problems.append(f"{spec}: directory has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        elif glob.has_magic(spec):
+            found = sorted(Path(q) for q in glob.glob(spec) if Path(q).suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                problems.append(f"{spec}: pattern matched no images")
+            paths.extend(found)
+        else:
+            problems.append(f"{spec}: no such file or directory")
+    seen: set[Path] = set()
+    unique = [q for q in paths if not (q in seen or seen.add(q))]
+    return unique, problems
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: scale the real range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        # Transparent pixels become white rather than whatever colour hides behind alpha 0.
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def load_image(source: ImageSource) -> np.ndarray:
+    """Load a path, PIL image, HxWx3 / HxW array or CHW / HxWx3 tensor as HxWx3 uint8 RGB.
+
+    Float arrays and tensors are taken as values in [0, 1]. Raises ``BadImage`` for missing,
+    empty, corrupt or unreadable files and for arrays of the wrong shape.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise BadImage(f"{path}: no such file")
+        if path.is_dir():
+            raise BadImage(f"{path}: is a directory, not an image")
+        if path.stat().st_size == 0:
+            raise BadImage(f"{path}: file is empty")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return _pil_to_rgb(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source)
+    if isinstance(source, torch.Tensor):
+        t = source.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
+            t = t.permute(1, 2, 0)
+        source = t.numpy()
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise BadImage(f"image array must be HxW, HxWx3 or HxWx4, but got shape {source.shape}")
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        if arr.dtype == np.uint8:
+            return np.ascontiguousarray(arr)
+        if np.issubdtype(arr.dtype, np.floating):
+            return np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        if arr.dtype == np.uint16:
+            return (arr.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+        raise BadImage(f"unsupported image array dtype {arr.dtype}")
+    raise BadImage(f"unsupported image input of type {type(source).__name__}")
+
+
+def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1] on ``device`` (converted there, not on the host)."""
+    t = torch.from_numpy(image).to(device, non_blocking=True)
+    return t.permute(2, 0, 1).float().div_(255.0)

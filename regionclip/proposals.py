@@ -1,0 +1,189 @@
+"""A torchvision Faster R-CNN used as a class-agnostic proposal stage.
+
+The composition mirrors torchvision's ``GeneralizedRCNN`` (transform -> backbone -> rpn) but
+keeps what ``RegionProposalNetwork.forward`` throws away: the objectness of each proposal,
+which the detector fuses with the region-text score.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import batched_nms
+
+from .config import ProposalConfig
+from .errors import BadInput, WeightsUnavailable
+from .weights import Resolved, load_state
+
+SOURCES = ("rpn", "final")
+# The second stage: unused with source="rpn", and most of a small detector's weights.
+HEAD_PREFIXES = ("roi_heads.box_head.", "roi_heads.box_predictor.")
+
+
+def build_detector(resolved: Resolved, state: dict | None = None) -> FasterRCNN:
+    """Build ``resolved.model`` and load its weights (``state`` wins over ``resolved.path``).
+
+    The class count follows the checkpoint, so class-agnostic proposal detectors trained by
+    ``regionclip train`` (2 classes) load as well as torchvision's COCO ones (91).
+    """
+    if state is None and resolved.path is not None:
+        state = load_state(resolved.path)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    num_classes = 91
+    if state is not None:
+        if "rpn.head.cls_logits.weight" not in state:
+            raise WeightsUnavailable(
+                f"{resolved.path or 'checkpoint'} is not a {resolved.model} state dict "
+                "(no rpn.head); pass a torchvision Faster R-CNN checkpoint"
+            )
+        cls = state.get("roi_heads.box_predictor.cls_score.weight")
+        num_classes = cls.shape[0] if cls is not None else 2
+    model = torchvision.models.get_model(
+        resolved.model, weights=None, weights_backbone=None, num_classes=num_classes
+    )
+    if state is not None:
+        try:
+            # regionclip saves RPN-only detectors without the box head (see RegionCLIP.save);
+            # anything else missing is a wrong checkpoint.
+            result = model.load_state_dict(state, strict=False)
+            missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"Error(s) in loading state_dict:\n  missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+            model.has_box_head = not result.missing_keys
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)[:200]
+            raise WeightsUnavailable(
+                f"{resolved.path or 'checkpoint'} does not fit {resolved.model}: {first}"
+            ) from None
+    return model
+
+
+class ProposalStage(nn.Module):
+    """Class-agnostic boxes with an objectness score, in original-image pixels.
+
+    ``source="rpn"``: RPN proposals after its NMS, scored by sigmoid objectness.
+    ``source="final"``: the box head's per-class outputs merged across classes (class-agnostic
+    NMS), scored by the best class probability.
+    """
+
+    def __init__(self, detector: FasterRCNN, cfg: ProposalConfig):
+        super().__init__()
+        if cfg.source not in SOURCES:
+            raise BadInput(f"unknown proposal source '{cfg.source}': use one of {', '.join(SOURCES)}")
+        self.detector = detector
+        self.cfg = cfg
+        self.configure(cfg)
+
+    def configure(self, cfg: ProposalConfig) -> None:
+        if cfg.source == "final" and not getattr(self.detector, "has_box_head", True):
+            raise WeightsUnavailable(
+                "this detector checkpoint was saved without its box head (RPN-only training); "
+                "use proposals.source=rpn"
+            )
+        if cfg.anchor_scale <= 0:
+            raise BadInput(f"proposals.anchor_scale must be positive, got {cfg.anchor_scale}")
+        self.cfg = cfg
+        t = self.detector.transform
+        if cfg.min_size is not None:
+            t.min_size = (cfg.min_size,)
+        if cfg.max_size is not None:
+            t.max_size = cfg.max_size
+        rpn = self.detector.rpn
+        if not hasattr(rpn, "base_anchor_sizes"):
+            rpn.base_anchor_sizes = rpn.anchor_generator.sizes
+        sizes = tuple(tuple(s * cfg.anchor_scale for s in level) for level in rpn.base_anchor_sizes)
+        if sizes != rpn.anchor_generator.sizes:
+            rpn.anchor_generator = AnchorGenerator(sizes, rpn.anchor_generator.aspect_ratios)
+        rpn._pre_nms_top_n = {"training": cfg.pre_nms_top_n, "testing": cfg.pre_nms_top_n}
+        rpn._post_nms_top_n = {"training": cfg.num_proposals, "testing": cfg.num_proposals}
+        rpn.nms_thresh = cfg.nms_threshold
+        heads = self.detector.roi_heads
+        heads.detections_per_img = cfg.num_proposals
+        heads.score_thresh = 1e-3
+
+    def _rpn(self, images, features, targets=None):
+        """Run the RPN on a batch; return ``(boxes, objectness, losses)`` in resized coordinates."""
+        rpn = self.detector.rpn
+        feats = list(features.values())
+        logits, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(images, feats)
+        per_level = [o[0].numel() for o in logits]
+        logits, deltas = concat_box_prediction_layers(logits, deltas)
+        n = len(anchors)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(n, -1, 4)
+        masked = self._mask_padding(logits.detach().view(n, -1), anchors, images.image_sizes)
+        boxes, scores = rpn.filter_proposals(proposals, masked.reshape(-1, 1), images.image_sizes, per_level)
+        keep = [s > 0 for s in scores]  # drops anchors that lived only in the padding
+        boxes = [b[k] for b, k in zip(boxes, keep)]
+        scores = [s[k] for s, k in zip(scores, keep)]
+        losses = {}
+        if targets is not None:
+            labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+            reg_targets = rpn.box_coder.encode(matched, anchors)
+            obj_loss, box_loss = rpn.compute_loss(logits, deltas, labels, reg_targets)
+            losses = {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
+        return boxes, scores, losses
+
+    @staticmethod
+    def _mask_padding(logits: torch.Tensor, anchors: list[torch.Tensor], sizes) -> torch.Tensor:
+        """Anchors centred in the batch padding get -inf objectness.
+
+        Without this, the proposals of an image depend on how much padding its batch added,
+        and a batch would not give the same boxes as the same images one at a time.
+        """
+        out = logits.clone()
+        for i, (a, (h, w)) in enumerate(zip(anchors, sizes)):
+            cx = (a[:, 0] + a[:, 2]) / 2
+            cy = (a[:, 1] + a[:, 3]) / 2
+            out[i][(cx >= w) | (cy >= h)] = float("-inf")
+        return out
+
+    def forward(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``images``: 3xHxW float tensors in [0, 1] (RGB).
+
+        Returns one ``(boxes_xyxy (K, 4), objectness (K,))`` per image, boxes in the pixels of
+        that input image, K <= ``num_proposals``.
+        """
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        batch, _ = self.detector.transform(images)
+        features = self.detector.backbone(batch.tensors)
+        boxes, scores, _ = self._rpn(batch, features)
+        if self.cfg.source == "final":
+            boxes, scores = self._final_boxes(batch, features, boxes)
+        return [
+            (resize_boxes(b, resized, orig), s)
+            for b, s, resized, orig in zip(boxes, scores, batch.image_sizes, original_sizes)
+        ]
+
+    def _final_boxes(self, batch, features, proposals):
+        dets, _ = self.detector.roi_heads(features, proposals, batch.image_sizes)
+        out_boxes, out_scores = [], []
+        for d in dets:
+            agnostic = torch.zeros_like(d["labels"])
+            keep = batched_nms(d["boxes"], d["scores"], agnostic, self.cfg.nms_threshold)
+            keep = keep[: self.cfg.num_proposals]
+            out_boxes.append(d["boxes"][keep])
+            out_scores.append(d["scores"][keep])
+        return out_boxes, out_scores
+
+    def losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Training losses of the class-agnostic detector on torchvision-style ``targets``.
+
+        ``targets[i]["boxes"]`` are xyxy in the pixels of ``images[i]``; labels are ignored
+        (every object is class 1). Includes the box-head losses so ``source="final"`` trains too.
+        """
+        agnostic = [
+            {"boxes": t["boxes"], "labels": torch.ones_like(t["labels"])} for t in targets
+        ]
+        batch, agnostic = self.detector.transform(images, agnostic)
+        features = self.detector.backbone(batch.tensors)
+        proposals, _, losses = self._rpn(batch, features, agnostic)
+        if self.cfg.source == "rpn":
+            return losses
+        _, head_losses = self.detector.roi_heads(features, proposals, batch.image_sizes, agnostic)
+        return {**losses, **head_losses}

@@ -1,0 +1,307 @@
+"""The training loop: region embeddings of GT boxes vs text embeddings of the vocabulary.
+
+One readable step (detectron2's ``run_step`` is the model): sample background proposals ->
+embed GT + background boxes with the configured region encoder -> cross-entropy over
+region-to-text similarities (every other category is a negative; background is a zero
+embedding, i.e. a constant logit 0, exactly what ``ScoringConfig.background`` scores against)
+-> plus the class-agnostic Faster R-CNN losses -> AdamW with warm-up + cosine, clipping.
+DDP comes from torchrun's environment (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.ops import box_iou
+
+from ..config import dump_config, to_dict
+from ..data import CocoDetection, collate, load_split
+from ..detector import RegionCLIP
+from ..errors import BadConfig
+from ..eval_dataset import evaluate_model
+from ..runtime import autocast_for, resolve_device
+from ..weights import register_clip_config
+from .config import TrainConfig
+from .state import atomic_save, load_checkpoint, lr_factor, rng_state, set_rng_state
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # global mean loss of every step this process ran
+    evals: list[dict] = field(default_factory=list)  # {"step", "base": AP50, "novel": AP50, "overall": AP50}
+    model: RegionCLIP | None = None
+    out_dir: Path | None = None
+
+
+class RegionTextLoss(nn.Module):
+    """The trainable graph in one module, so DDP can wrap it: returns a dict of scalar losses."""
+
+    def __init__(self, model: RegionCLIP, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, images, targets, boxes, labels, vocab, text_emb, norm: float) -> dict[str, torch.Tensor]:
+        """``boxes[i]``: (Ni, 4) xyxy pixels of ``images[i]``; ``labels``: (sum Ni,) indices into
+        ``vocab``, ``len(vocab)`` meaning background. ``norm``: the divisor that turns this
+        process's summed cross-entropy into its share of the global mean."""
+        m, run = self.model, self.cfg.train
+        losses = {}
+        if run.train_proposals:
+            w = self.cfg.loss.proposal_loss_weight
+            losses = {k: v * w for k, v in m.proposals.losses(images, targets).items()}
+        if text_emb is None:  # the text tower trains: embed the vocabulary with gradients
+            text_emb = m.text.embed(vocab)
+        emb = m.regions(images, boxes)
+        logits = m.clip.logit_scale.exp().clamp(max=100) * emb @ text_emb.float().T
+        logits = torch.cat([logits, logits.new_zeros((len(logits), 1))], dim=1)
+        losses["loss_region_text"] = F.cross_entropy(logits, labels, reduction="sum") / norm
+        return losses
+
+
+def sample_regions(model: RegionCLIP, images, targets, lc, background: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The regions one step trains on, as Fast R-CNN samples its RoIs: every GT box with its
+    label; up to ``lc.positive_samples`` proposals per image with IoU >= ``lc.positive_iou`` to a GT
+    box, with that box's label (inference classifies imperfect boxes, not GT ones); up to
+    ``lc.background_samples`` proposals with IoU < ``lc.background_iou`` to every GT box, labelled
+    ``background``. Returns per-image boxes and the (sum N,) labels."""
+    with torch.no_grad():
+        props = model.proposals(images) if lc.positive_samples or lc.background_samples else [
+            (t["boxes"].new_zeros((0, 4)), None) for t in targets]
+    boxes, labels = [], []
+    for (p, _), t in zip(props, targets):
+        p = p.float()
+        p = p[(p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)]
+        if len(t["boxes"]):
+            iou, match = box_iou(p, t["boxes"]).max(dim=1)
+        else:  # an image without objects: every proposal is background
+            iou, match = p.new_zeros(len(p)), torch.zeros(len(p), dtype=torch.long, device=p.device)
+        pos = torch.nonzero(iou >= lc.positive_iou).flatten()
+        neg = torch.nonzero(iou < lc.background_iou).flatten()
+        pos = pos[torch.randperm(len(pos))[:lc.positive_samples].to(pos.device)]
+        neg = neg[torch.randperm(len(neg))[:lc.background_samples].to(neg.device)]
+        boxes.append(torch.cat([t["boxes"], p[pos], p[neg]]))
+        labels.append(torch.cat([t["labels"], t["labels"][match[pos]], t["labels"].new_full((len(neg),), background)]))
+    return boxes, torch.cat(labels)
+
+
+def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None) -> dict[str, float | None]:
+    """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own code."""
+    model.eval()
+    model.text.clear()  # the text tower may have changed since the last cached embeddings
+    report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names)
+    return {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
+
+
+def _set_trainable(model: RegionCLIP, run) -> list[nn.Parameter]:
+    visual = {id(p) for p in model.clip.visual.parameters()}
+    for p in model.clip.parameters():
+        p.requires_grad_(run.train_image_tower if id(p) in visual else run.train_text_tower)
+    model.clip.logit_scale.requires_grad_(True)  # the temperature always learns
+    for p in model.proposals.parameters():
+        p.requires_grad_(run.train_proposals)
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in run.freeze):
+            p.requires_grad_(False)
+    model.clip.train(run.train_image_tower or run.train_text_tower)
+    model.proposals.train(run.train_proposals)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _optimizer(params: list[nn.Parameter], o) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms, embeddings' scalars and the temperature (CLIP's recipe).
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def _epoch_loader(dataset, sampler, epoch: int, skip: int, per_rank: int, cfg: TrainConfig) -> DataLoader:
+    """Batches of one epoch, skipping the first ``skip`` (resume mid-epoch). Global batch k is
+    the same images whatever the world size; the loader's own generator leaves the global RNG alone."""
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    indices = indices[skip * per_rank: len(indices) // per_rank * per_rank]
+    return DataLoader(dataset, batch_size=per_rank, sampler=indices, collate_fn=collate,
+                      num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(epoch))
+
+
+def _dist_init(device_spec: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        cuda = resolve_device(device_spec).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and resolve_device(device_spec).type == "cuda":
+        device_spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return (dist.get_rank() if world > 1 else 0), world, device_spec
+
+
+def _all_mean(x: float, world: int) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: Progress | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``; write checkpoints, metrics and the model.
+
+    Outputs in ``cfg.out_dir``: ``config.yaml`` (resolved), ``last.pt``/``best.pt`` (model,
+    optimizer, scheduler, step, data position, RNG), ``metrics.jsonl``, and at the end
+    ``model.pt`` (``RegionCLIP.save``) with ``preset.yaml`` for ``regionclip detect --model``.
+    ``progress`` (rank 0 only) receives ``{"step", "max_steps", "loss", "lr", "img_per_s"}``
+    after every step and ``{"step", "eval": {...}}`` after every evaluation.
+    """
+    rank, world, cfg.model.device = _dist_init(cfg.model.device)
+    out = Path(cfg.out_dir)
+    o, run, lc = cfg.optim, cfg.train, cfg.loss
+    if o.batch_size % world:
+        raise BadConfig(f"optim.batch_size {o.batch_size} must be divisible by the {world} processes")
+    per_rank = o.batch_size // world
+
+    split = load_split(cfg.data.split) if cfg.data.split else None
+    train_cats = (split["base"] if cfg.data.use_base_only else split["base"] + split["novel"]) if split else None
+    train_set = CocoDetection(cfg.data.train_annotations, cfg.data.train_images, train_cats, train=True,
+                              max_side=cfg.data.max_side, hflip_prob=cfg.data.hflip_prob)
+    val = None
+    if cfg.data.val_annotations:
+        val = CocoDetection(cfg.data.val_annotations, cfg.data.val_images,
+                            split["base"] + split["novel"] if split else None)
+    vocab = train_set.category_names
+
+    for name, arch in cfg.clip_configs.items():
+        register_clip_config(name, arch)
+    torch.manual_seed(run.seed)
+    model = RegionCLIP(config=cfg.model)
+    model.proposals.detector.roi_heads.fg_bg_sampler.batch_size_per_image = lc.box_head_samples
+    device = model.device
+    precision = run.precision if run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = autocast_for(precision, device)
+    params = _set_trainable(model, run)
+    optimizer = _optimizer(params, o)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup_steps, o.max_steps))
+    loss_module = RegionTextLoss(model, cfg)
+    step_fn = loss_module if world == 1 else DistributedDataParallel(
+        loss_module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=run.seed, drop_last=True)
+    batches_per_epoch = len(train_set) // world // per_rank
+    if batches_per_epoch == 0:
+        raise BadConfig(f"{len(train_set)} training images cannot fill one batch of {o.batch_size}")
+
+    step, epoch, position, best = 0, 0, 0, None
+    torch.manual_seed(run.seed + rank)  # augmentation and background sampling differ per process
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, epoch, position, best = ckpt["step"], ckpt["epoch"], ckpt["position"], ckpt.get("best")
+        set_rng_state(ckpt["rng"])
+    if rank == 0:
+        dump_config(cfg, out / "config.yaml")
+
+    def checkpoint(name: str) -> None:
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "position": position,
+                     "best": best, "rng": rng_state(), "config": to_dict(cfg)}, out / name)
+
+    def log(record: dict) -> None:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate() -> None:
+        nonlocal best
+        if rank == 0 and val is not None:
+            with autocast():
+                ap = evaluate(model, val, split)
+            _set_trainable(model, run)  # back to training modes
+            key = "base" if "base" in ap else "overall"
+            log({"step": step, "val_AP50": ap})
+            result.evals.append({"step": step, **ap})
+            if progress:
+                progress({"step": step, "eval": ap})
+            if ap[key] is not None and (best is None or ap[key] > best):
+                best = ap[key]
+                checkpoint("best.pt")
+        if world > 1:
+            dist.barrier()
+
+    text_emb = None
+    if not run.train_text_tower:
+        with torch.no_grad(), autocast():
+            text_emb = model.text.embed(vocab).float()
+    result = TrainResult(step=step, model=model, out_dir=out)
+    loader = iter(_epoch_loader(train_set, sampler, epoch, position, per_rank, cfg))
+    tick, seen, rate = time.perf_counter(), 0, 0.0
+    while step < o.max_steps:
+        if position >= batches_per_epoch:
+            epoch, position = epoch + 1, 0
+            loader = iter(_epoch_loader(train_set, sampler, epoch, 0, per_rank, cfg))
+        images, targets = next(loader)
+        images = [img.to(device) for img in images]
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+
+        boxes, labels = sample_regions(model, images, targets, lc, background=len(vocab))
+        # Divide by the global region count so DDP's gradient averaging gives the global mean.
+        norm = max(1.0, _all_mean(float(len(labels)), world))
+        with autocast():
+            losses = step_fn(images, targets, boxes, labels, vocab, text_emb, norm)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step, position, seen = step + 1, position + 1, seen + o.batch_size
+        value = _all_mean(float(loss.detach()), world)
+        result.losses.append(value)
+
+        if step % run.log_every == 0 or step == o.max_steps:
+            rate = seen / max(1e-9, time.perf_counter() - tick)
+        if rank == 0 and (step % run.log_every == 0 or step == o.max_steps):
+            log({"step": step, "loss": value, **{k: float(v.detach()) for k, v in losses.items()},
+                 "lr": scheduler.get_last_lr()[0], "img_per_s": rate,
+                 "logit_scale": float(model.clip.logit_scale.detach().exp())})
+        if step % run.log_every == 0:
+            tick, seen = time.perf_counter(), 0
+        if rank == 0 and progress:
+            progress({"step": step, "max_steps": o.max_steps, "loss": value,
+                      "lr": scheduler.get_last_lr()[0], "img_per_s": rate})
+        if run.eval_every and step % run.eval_every == 0 and step < o.max_steps:
+            validate()
+        if rank == 0 and (step % run.ckpt_every == 0 or step == o.max_steps):
+            checkpoint("last.pt")
+
+    validate()
+    if rank == 0:
+        model.eval()
+        model.text.clear()
+        # RPN-only training leaves the box head matched to the old backbone features: drop it.
+        model.save(out / "model.pt", box_head=not (run.train_proposals and model.cfg.proposals.source == "rpn"))
+        preset = to_dict(model.cfg)
+        preset["checkpoint"] = str((out / "model.pt").resolve())
+        preset["device"] = "auto"
+        out.joinpath("preset.yaml").write_text(
+            "# Written by regionclip train: use with `regionclip detect --model THIS_FILE`.\n"
+            + yaml.safe_dump(preset, sort_keys=False))
+    if world > 1:
+        dist.barrier()
+    result.step = step
+    return result

@@ -1,0 +1,72 @@
+"""Tiny models and generated images shared by the tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regionclip import RegionCLIP
+from regionclip.weights import register_clip_config
+
+# Tiny open_clip architectures; the text side keeps the standard tokenizer (vocab 49408, ctx 77).
+TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
+TINY_CONFIGS = {
+    "test-vit-tiny": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8, "patch_size": 16},
+        "text_cfg": TINY_TEXT,
+    },
+    # image_size 224 so the pool path can be checked against encode_image at CLIP's own size.
+    "test-rn-tiny": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 224, "layers": [1, 1, 1, 1], "width": 8, "patch_size": None},
+        "text_cfg": TINY_TEXT,
+    },
+}
+for _name, _cfg in TINY_CONFIGS.items():
+    register_clip_config(_name, _cfg)
+
+TINY_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def tiny_model(arch: str = "vit", mode: str = "crop", seed: int = 0, **overrides) -> RegionCLIP:
+    """A random-initialised tiny RegionCLIP on the CPU, deterministic for a seed."""
+    torch.manual_seed(seed)
+    return RegionCLIP(
+        clip_model="test-vit-tiny" if arch == "vit" else "test-rn-tiny",
+        clip_pretrained="none",
+        detector=TINY_DETECTOR,
+        detector_weights="none",
+        mode=mode,
+        **{"device": "cpu", **overrides},
+    )
+
+
+@pytest.fixture(scope="session")
+def models():
+    """Cache of tiny models keyed by (arch, mode); don't mutate them in tests."""
+    cache: dict[tuple[str, str], RegionCLIP] = {}
+
+    def get(arch: str = "vit", mode: str = "crop") -> RegionCLIP:
+        if (arch, mode) not in cache:
+            cache[(arch, mode)] = tiny_model(arch, mode)
+        return cache[(arch, mode)]
+
+    return get
+
+
+def shapes_image(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:
+    """An HxWx3 uint8 RGB image with a few filled shapes on noise."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+    cv2.circle(img, (w // 4, h // 3), max(4, min(h, w) // 8), (255, 0, 0), -1)
+    cv2.rectangle(img, (w // 2, h // 2), (w // 2 + w // 5, h // 2 + h // 5), (0, 255, 0), -1)
+    return img
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return shapes_image()
