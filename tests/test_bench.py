@@ -5,14 +5,12 @@ import json
 import pytest
 import torch
 from conftest import TINY_DETECTOR, tiny_model
+from test_cli import TINY, run
 
 from regionclip import RegionCLIP
 from regionclip.bench import STAGES, parse_size, run_benchmark
 from regionclip.errors import BadInput
-from regionclip_cli.main import main
 
-TINY = ["--clip-model", "test-vit-tiny", "--clip-pretrained", "none", "--detector", TINY_DETECTOR,
-        "--detector-weights", "none", "--device", "cpu"]
 KEYS = {"settings", "device", "device_name", "torch", "images_per_s", "batch_ms", "stages_ms",
         "text_encode_ms", "text_prompts_encoded", "boxes_per_image", "gflop_per_image",
         "achieved_tflops", "peak_memory_mb", "memory_kind"}
@@ -64,16 +62,6 @@ def test_parse_size():
     for bad in ["640", "640x", "axb", "16x16", "1x2x3"]:
         with pytest.raises(BadInput):
             parse_size(bad)
-
-
-def run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
