@@ -25,10 +25,18 @@ def make_shapes(
     Writes OUT_DIR/train/*.jpg, OUT_DIR/val/*.jpg, OUT_DIR/annotations/instances_{train,val}.json
     and OUT_DIR/split.yaml (9 base classes; novel: red triangle, green circle, blue square).
     """
-    with progress() as bar:
-        task = bar.add_task("drawing shapes", total=train + val)
+    bar = progress()
+    task = bar.add_task("drawing shapes", total=train + val)
+
+    def report(done: int) -> None:
+        bar.start()  # on the first image: argument errors print alone, without an empty bar
+        bar.update(task, completed=done)
+
+    try:
         paths = write_shapes(out_dir, n_train=train, n_val=val, seed=seed, image_size=(min_side, max_side),
-                             progress=lambda done: bar.update(task, completed=done))
+                             progress=report)
+    finally:
+        bar.stop()
     console.print(f"[bold]{train}[/] train and [bold]{val}[/] val images in {out_dir}")
     for key in ("train_annotations", "val_annotations", "split"):
         console.print(f"  {key.replace('_', ' ')}: {paths[key]}")
