@@ -15,6 +15,7 @@ from . import options as O
 from .render import console, progress
 
 
+@O.with_model_flags(text_cache=False)
 def bench(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 1,
     image_size: Annotated[str, typer.Option(help="Synthetic image size as HEIGHTxWIDTH.")] = "640x853",
@@ -23,22 +24,13 @@ def bench(
     iters: Annotated[int, typer.Option(help="Timed batches.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed batches first (the first also counts FLOPs).")] = 2,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result here.")] = None,
-    model: O.Model = O.DEFAULT_MODEL,
-    clip_model: O.ClipModel = None,
-    clip_pretrained: O.ClipPretrained = None,
-    detector: O.Detector = None,
-    detector_weights: O.DetectorWeights = None,
-    mode: O.Mode = None,
-    device: O.Device = None,
-    precision: O.Precision = None,
-    set_: O.Set = None,
+    flags: O.ModelFlags = None,
 ) -> None:
     """Time the pipeline on synthetic images: images/s, ms per stage, GFLOP/image, peak memory."""
     size = parse_size(image_size)
     check_settings(batch_size=batch_size, image_size=size, num_labels=labels, iters=iters, warmup=warmup,
                    num_proposals=proposals)
-    sets = list(set_ or []) + ([f"proposals.num_proposals={proposals}"] if proposals is not None else [])
-    net = O.build_model(model, clip_model, clip_pretrained, detector, detector_weights, mode, device, precision, sets)
+    net = O.build_model(flags, [f"proposals.num_proposals={proposals}"] if proposals is not None else [])
     with progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=warmup + iters)
         result = run_benchmark(net, batch_size=batch_size, image_size=size, num_labels=labels, iters=iters,

@@ -32,6 +32,7 @@ def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+@O.with_model_flags()
 def detect(
     inputs: Annotated[list[str], typer.Argument(help="Image files, directories or glob patterns.", show_default=False)],
     labels: Annotated[Optional[str], typer.Option("--labels", "-l", help='Comma-separated vocabulary, e.g. "dog,cat,bicycle".')] = None,
@@ -42,16 +43,7 @@ def detect(
     max_detections: Annotated[Optional[int], typer.Option(help="Keep at most this many detections per image.")] = None,
     nms_iou: Annotated[Optional[float], typer.Option(help="IoU for per-label non-maximum suppression.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
-    model: O.Model = O.DEFAULT_MODEL,
-    clip_model: O.ClipModel = None,
-    clip_pretrained: O.ClipPretrained = None,
-    detector: O.Detector = None,
-    detector_weights: O.DetectorWeights = None,
-    mode: O.Mode = None,
-    device: O.Device = None,
-    precision: O.Precision = None,
-    set_: O.Set = None,
-    text_cache: O.TextCache = None,
+    flags: O.ModelFlags = None,
 ) -> None:
     """Detect objects named by --labels in images; print a table, optionally write JSON and annotated images.
 
@@ -63,7 +55,7 @@ def detect(
         raise BadImage("no images to process: " + "; ".join(problems))
     for p in problems:
         warn(p)
-    net = O.build_model(model, clip_model, clip_pretrained, detector, detector_weights, mode, device, precision, set_, text_cache)
+    net = O.build_model(flags)
     kwargs = dict(score_threshold=score_threshold, max_detections=max_detections, nms_iou=nms_iou)
     records, failed = [], len(problems)
     table = Table("image", "label", "score", "box (x1, y1, x2, y2)")

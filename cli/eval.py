@@ -43,6 +43,7 @@ def render(report: dict) -> None:
         warn(f"{report['images_skipped']} image(s) skipped (missing or unreadable)")
 
 
+@O.with_model_flags()
 def eval_(
     annotations: Annotated[Path, typer.Option(help="COCO instances JSON (ground truth).")],
     images: Annotated[Optional[Path], typer.Option(help="Image folder; detection runs over every image of the file.")] = None,
@@ -54,16 +55,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
     results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.")] = None,
-    model: O.Model = O.DEFAULT_MODEL,
-    clip_model: O.ClipModel = None,
-    clip_pretrained: O.ClipPretrained = None,
-    detector: O.Detector = None,
-    detector_weights: O.DetectorWeights = None,
-    mode: O.Mode = None,
-    device: O.Device = None,
-    precision: O.Precision = None,
-    set_: O.Set = None,
-    text_cache: O.TextCache = None,
+    flags: O.ModelFlags = None,
 ) -> None:
     """Evaluate on COCO-format data: AP/AP50/AP75/APs/APm/APl overall and per split (pycocotools)."""
     gt = load_ground_truth(annotations)
@@ -83,7 +75,7 @@ def eval_(
         if vocabulary:
             p = Path(vocabulary)
             vocab = [s.strip() for s in (p.read_text().splitlines() if p.is_file() else vocabulary.split(",")) if s.strip()]
-        net = O.build_model(model, clip_model, clip_pretrained, detector, detector_weights, mode, device, precision, set_, text_cache)
+        net = O.build_model(flags)
         with progress(transient=True) as bar:
             task = bar.add_task("evaluating", total=len(gt.imgs))
             report, records = evaluate_model(net, gt, images, split=parts, vocabulary=vocab, proposals=proposals,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional, Sequence
 
 import typer
 
@@ -24,29 +27,62 @@ TextCache = Annotated[Optional[Path], typer.Option(help="Folder for the on-disk 
 DEFAULT_MODEL = "vitb16"
 
 
-def build_model(
-    model: str,
-    clip_model: str | None = None,
-    clip_pretrained: str | None = None,
-    detector: str | None = None,
-    detector_weights: str | None = None,
-    mode: str | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    overrides: list[str] | None = None,
-    text_cache: Path | None = None,
-    **extra: str,
-) -> RegionCLIP:
-    """Preset + explicit flags -> model. Flags win over the preset; None leaves the preset's value."""
-    sets = list(overrides or [])
-    if text_cache is not None:
-        sets.append(f"text.cache_dir={text_cache}")
-    cfg = resolve_model_config(model, sets)
-    flags = dict(clip_model=clip_model, clip_pretrained=clip_pretrained, detector=detector,
-                 detector_weights=detector_weights, mode=mode, device=device, precision=precision, **extra)
-    if cfg.checkpoint and any(flags[k] for k in ("clip_model", "clip_pretrained", "detector", "detector_weights")):
+@dataclass
+class ModelFlags:
+    """The model options of one command line; None leaves the preset's value."""
+
+    model: str = DEFAULT_MODEL
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    detector: str | None = None
+    detector_weights: str | None = None
+    mode: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    set_: list[str] | None = None
+    text_cache: Path | None = None
+
+
+_FLAG_TYPES = {"model": Model, "clip_model": ClipModel, "clip_pretrained": ClipPretrained, "detector": Detector,
+               "detector_weights": DetectorWeights, "mode": Mode, "device": Device, "precision": Precision,
+               "set_": Set, "text_cache": TextCache}
+
+
+def with_model_flags(text_cache: bool = True) -> Callable[[Callable], Callable]:
+    """Give a command the model options (typer reads the signature), passed to it as ``flags``.
+
+    One list of options for every command that builds a model, so their names and help never
+    drift apart; ``text_cache=False`` leaves out --text-cache where no text is cached.
+    """
+    names = [n for n in _FLAG_TYPES if text_cache or n != "text_cache"]
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            flags = ModelFlags(**{n: kwargs.pop(n) for n in names})
+            return command(**kwargs, flags=flags)
+
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=_FLAG_TYPES[n],
+                                   default=getattr(ModelFlags, n)) for n in names]
+        wrapper.__signature__ = inspect.Signature(own + added)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
+        return wrapper
+
+    return decorate
+
+
+def build_model(flags: ModelFlags, extra_sets: Sequence[str] = ()) -> RegionCLIP:
+    """Preset + explicit flags -> model. Flags win over the preset."""
+    sets = list(flags.set_ or []) + list(extra_sets)
+    if flags.text_cache is not None:
+        sets.append(f"text.cache_dir={flags.text_cache}")
+    cfg = resolve_model_config(flags.model, sets)
+    explicit = {k: getattr(flags, k) for k in
+                ("clip_model", "clip_pretrained", "detector", "detector_weights", "mode", "device", "precision")}
+    if cfg.checkpoint and any(explicit[k] for k in ("clip_model", "clip_pretrained", "detector", "detector_weights")):
         cfg.checkpoint = None  # explicit weights replace the preset's bundled checkpoint
-    for key, value in flags.items():
+    for key, value in explicit.items():
         if value is not None:
             setattr(cfg, key, value)
     return RegionCLIP(config=cfg)

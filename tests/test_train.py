@@ -125,6 +125,14 @@ def test_sampled_regions_follow_the_iou_rules():
     assert by_box[(30.0, 30.0, 70.0, 70.0)] == 12 and by_box[(200.0, 200.0, 240.0, 240.0)] == 12
     _, labels = sample_regions(Model(), [None], targets, LossConfig(positive_samples=1, background_samples=0), background=12)
     assert labels.tolist()[:2] == [3, 7] and len(labels) == 3
+    # With a minimum overlap, a proposal far from every labelled box (maybe an unlabelled object)
+    # is not background; the partial crop at IoU 0.14 still is.
+    window = LossConfig(positive_samples=0, background_samples=10, background_iou_min=0.1)
+    boxes, labels = sample_regions(Model(), [None], targets, window, background=12)
+    assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0)] and labels.tolist() == [3, 7, 12]
+    window.background_far_samples = 5
+    boxes, labels = sample_regions(Model(), [None], targets, window, background=12)
+    assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0), (200.0, 200.0, 240.0, 240.0)]
 
 
 def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):
@@ -176,6 +184,7 @@ def test_ddp_two_processes_match_single(shapes, tmp_path):
     ("unknown_key", "unknown key 'lrr' (did you mean 'lr'?)"),
     ("missing_annotations", "annotation file not found"),
     ("unknown_category", "category 'purple hexagon' is not in"),
+    ("background_window", "0 <= background_iou_min < background_iou"),
 ])
 def test_bad_config_gives_one_error_line(shapes, tmp_path, capsys, problem, expected):
     from regionclip_cli.main import main
@@ -185,6 +194,8 @@ def test_bad_config_gives_one_error_line(shapes, tmp_path, capsys, problem, expe
         "split": str(shapes["split"])}}))
     if problem == "unknown_key":
         data["optim"] = {"lrr": 0.1}
+    elif problem == "background_window":
+        data["loss"] = {"background_iou_min": 0.6}
     elif problem == "missing_annotations":
         data["data"]["train_annotations"] = str(tmp_path / "nope.json")
     else:

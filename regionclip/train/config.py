@@ -42,6 +42,13 @@ class LossConfig:
     # Below 0.5, as Fast R-CNN: a crop that covers part of an object must score as background,
     # or it outranks the whole object and costs AP50.
     background_iou: float = 0.5
+    # Background proposals must overlap some GT box by at least this much (Fast R-CNN used 0.1).
+    # Above 0, open-vocabulary training stops teaching unlabelled objects (the novel ones,
+    # rarely near a labelled box) to look like background; 0 samples from the whole image.
+    background_iou_min: float = 0.0
+    # ...and this many more per image from below background_iou_min (anywhere else): a few far
+    # negatives teach clutter as background while most unlabelled objects stay untouched.
+    background_far_samples: int = 0
     positive_samples: int = 4  # proposals with IoU >= positive_iou to a GT box, trained with its label
     positive_iou: float = 0.5
     proposal_loss_weight: float = 1.0  # weight of the Faster R-CNN losses when train_proposals
@@ -97,8 +104,10 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = (), out_dir: 
     if o.max_steps < 1 or o.batch_size < 1 or o.lr <= 0 or o.warmup_steps < 0:
         raise BadConfig(f"{path}: optim needs max_steps >= 1, batch_size >= 1, lr > 0, warmup_steps >= 0")
     lc = cfg.loss
-    if not 0 < lc.background_iou <= lc.positive_iou <= 1:
-        raise BadConfig(f"{path}: loss needs 0 < background_iou <= positive_iou <= 1")
+    if lc.background_samples < 0 or lc.background_far_samples < 0 or lc.positive_samples < 0:
+        raise BadConfig(f"{path}: loss sample counts must be >= 0")
+    if not 0 <= lc.background_iou_min < lc.background_iou <= lc.positive_iou <= 1:
+        raise BadConfig(f"{path}: loss needs 0 <= background_iou_min < background_iou <= positive_iou <= 1")
     if len(o.betas) != 2:
         raise BadConfig(f"{path}: optim.betas must be two numbers, e.g. [0.9, 0.98]")
     for name, arch in cfg.clip_configs.items():

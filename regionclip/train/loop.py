@@ -78,8 +78,9 @@ def sample_regions(model: RegionCLIP, images, targets, lc, background: int) -> t
     """The regions one step trains on, as Fast R-CNN samples its RoIs: every GT box with its
     label; up to ``lc.positive_samples`` proposals per image with IoU >= ``lc.positive_iou`` to a GT
     box, with that box's label (inference classifies imperfect boxes, not GT ones); up to
-    ``lc.background_samples`` proposals with IoU < ``lc.background_iou`` to every GT box, labelled
-    ``background``. Returns per-image boxes and the (sum N,) labels."""
+    ``lc.background_samples`` proposals with IoU < ``lc.background_iou`` to every GT box and
+    >= ``lc.background_iou_min`` to some GT box, plus up to ``lc.background_far_samples`` below
+    ``lc.background_iou_min``, labelled ``background``. Returns per-image boxes and the (sum N,) labels."""
     with torch.no_grad():
         props = model.proposals(images) if lc.positive_samples or lc.background_samples else [
             (t["boxes"].new_zeros((0, 4)), None) for t in targets]
@@ -92,9 +93,11 @@ def sample_regions(model: RegionCLIP, images, targets, lc, background: int) -> t
         else:  # an image without objects: every proposal is background
             iou, match = p.new_zeros(len(p)), torch.zeros(len(p), dtype=torch.long, device=p.device)
         pos = torch.nonzero(iou >= lc.positive_iou).flatten()
-        neg = torch.nonzero(iou < lc.background_iou).flatten()
+        neg = torch.nonzero((iou < lc.background_iou) & (iou >= lc.background_iou_min)).flatten()
+        far = torch.nonzero(iou < lc.background_iou_min).flatten()
         pos = pos[torch.randperm(len(pos))[:lc.positive_samples].to(pos.device)]
-        neg = neg[torch.randperm(len(neg))[:lc.background_samples].to(neg.device)]
+        neg = torch.cat([neg[torch.randperm(len(neg))[:lc.background_samples].to(neg.device)],
+                         far[torch.randperm(len(far))[:lc.background_far_samples].to(far.device)]])
         boxes.append(torch.cat([t["boxes"], p[pos], p[neg]]))
         labels.append(torch.cat([t["labels"], t["labels"][match[pos]], t["labels"].new_full((len(neg),), background)]))
     return boxes, torch.cat(labels)
