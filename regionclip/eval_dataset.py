@@ -46,6 +46,11 @@ def vocabulary_for(coco, vocabulary: Sequence[str] | None) -> tuple[list[str], d
     return labels, {n: names[n] for n in labels if n in names}
 
 
+# COCO's AP is taken over at most 100 detections per image (COCOeval's largest maxDets). A model's
+# own max_detections is a display cap for `detect` and must not cut an evaluation short.
+COCO_MAX_DETECTIONS = 100
+
+
 def evaluate_model(
     model: RegionCLIP,
     coco,
@@ -82,7 +87,8 @@ def evaluate_model(
     for batch in _readable(coco, images_dir, batch_size, skipped):
         pixels = [img for _, img in batch]
         if proposals == "model":
-            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=0.0, batch_size=batch_size)
+            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=0.0,
+                                max_detections=COCO_MAX_DETECTIONS, batch_size=batch_size)
             for (image_id, _), d in zip(batch, dets):
                 d = d.cpu()
                 d = d[torch.tensor([n in ids for n in d.names], dtype=torch.bool)]  # names outside the file
@@ -111,6 +117,7 @@ def evaluate_model(
     report["settings"] = {
         "model": model.cfg.name, "clip_model": model.cfg.clip_model, "detector": model.cfg.detector,
         "mode": model.cfg.mode, "proposals": proposals, "vocabulary_size": len(labels), "top_k": top_k,
+        "max_detections": COCO_MAX_DETECTIONS if proposals == "model" else None,
         "images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 3),
         "device": str(model.device), "precision": model.cfg.precision,
     }

@@ -33,6 +33,20 @@ def test_eval_runs_the_model_and_reports_splits(shapes, tmp_path, capsys):
     assert report["map"]["overall"]["AP50"] == pytest.approx(ev.stats[1] * 100, abs=1e-3)
 
 
+def test_eval_keeps_cocos_100_detections_whatever_the_models_cap(shapes, tmp_path, capsys):
+    # The model's max_detections caps `detect` output; COCO AP counts up to 100 per image.
+    results_path = tmp_path / "results.json"
+    code, out, err = run(["eval", "--annotations", str(shapes["val_annotations"]), "--images", str(shapes["val_images"]),
+                          *TINY, "--set", "scoring.max_detections=1", "--json", str(tmp_path / "r.json"),
+                          "--results-out", str(results_path)], capsys)
+    assert code == 0, err
+    per_image: dict[int, int] = {}
+    for r in json.loads(results_path.read_text()):
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert max(per_image.values()) > 1 and max(per_image.values()) <= 100
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["max_detections"] == 100
+
+
 def test_eval_scores_an_existing_results_file(shapes, tmp_path, capsys):
     gt = json.loads(shapes["val_annotations"].read_text())
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}

@@ -133,6 +133,10 @@ def test_sampled_regions_follow_the_iou_rules():
     window.background_far_samples = 5
     boxes, labels = sample_regions(Model(), [None], targets, window, background=12)
     assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0), (200.0, 200.0, 240.0, 240.0)]
+    # A far proposal the RPN is sure of (objectness 1 here) is left out; the near one stays.
+    window.background_far_max_objectness = 0.5
+    boxes, labels = sample_regions(Model(), [None], targets, window, background=12)
+    assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0)] and labels.tolist() == [3, 7, 12]
 
 
 def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, monkeypatch):
@@ -185,6 +189,7 @@ def test_ddp_two_processes_match_single(shapes, tmp_path):
     ("missing_annotations", "annotation file not found"),
     ("unknown_category", "category 'purple hexagon' is not in"),
     ("background_window", "0 <= background_iou_min < background_iou"),
+    ("far_objectness", "background_far_max_objectness must be in (0, 1]"),
 ])
 def test_bad_config_gives_one_error_line(shapes, tmp_path, capsys, problem, expected):
     from regionclip_cli.main import main
@@ -196,6 +201,8 @@ def test_bad_config_gives_one_error_line(shapes, tmp_path, capsys, problem, expe
         data["optim"] = {"lrr": 0.1}
     elif problem == "background_window":
         data["loss"] = {"background_iou_min": 0.6}
+    elif problem == "far_objectness":
+        data["loss"] = {"background_far_max_objectness": 0.0}
     elif problem == "missing_annotations":
         data["data"]["train_annotations"] = str(tmp_path / "nope.json")
     else:

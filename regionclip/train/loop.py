@@ -80,21 +80,23 @@ def sample_regions(model: RegionCLIP, images, targets, lc, background: int) -> t
     box, with that box's label (inference classifies imperfect boxes, not GT ones); up to
     ``lc.background_samples`` proposals with IoU < ``lc.background_iou`` to every GT box and
     >= ``lc.background_iou_min`` to some GT box, plus up to ``lc.background_far_samples`` below
-    ``lc.background_iou_min``, labelled ``background``. Returns per-image boxes and the (sum N,) labels."""
+    ``lc.background_iou_min`` with objectness at most ``lc.background_far_max_objectness``, all
+    labelled ``background``. Returns per-image boxes and the (sum N,) labels."""
     with torch.no_grad():
         props = model.proposals(images) if lc.positive_samples or lc.background_samples else [
             (t["boxes"].new_zeros((0, 4)), None) for t in targets]
     boxes, labels = [], []
-    for (p, _), t in zip(props, targets):
-        p = p.float()
-        p = p[(p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)]
+    for (p, objectness), t in zip(props, targets):
+        big = (p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)
+        p = p[big].float()
+        sure = objectness[big] > lc.background_far_max_objectness if objectness is not None else torch.zeros(len(p), dtype=torch.bool, device=p.device)
         if len(t["boxes"]):
             iou, match = box_iou(p, t["boxes"]).max(dim=1)
         else:  # an image without objects: every proposal is background
             iou, match = p.new_zeros(len(p)), torch.zeros(len(p), dtype=torch.long, device=p.device)
         pos = torch.nonzero(iou >= lc.positive_iou).flatten()
         neg = torch.nonzero((iou < lc.background_iou) & (iou >= lc.background_iou_min)).flatten()
-        far = torch.nonzero(iou < lc.background_iou_min).flatten()
+        far = torch.nonzero((iou < lc.background_iou_min) & ~sure).flatten()
         pos = pos[torch.randperm(len(pos))[:lc.positive_samples].to(pos.device)]
         neg = torch.cat([neg[torch.randperm(len(neg))[:lc.background_samples].to(neg.device)],
                          far[torch.randperm(len(far))[:lc.background_far_samples].to(far.device)]])
