@@ -84,12 +84,12 @@ def sample_regions(model: RegionCLIP, images, targets, lc, background: int) -> t
     labelled ``background``. Returns per-image boxes and the (sum N,) labels."""
     with torch.no_grad():
         props = model.proposals(images) if lc.positive_samples or lc.background_samples else [
-            (t["boxes"].new_zeros((0, 4)), None) for t in targets]
+            (t["boxes"].new_zeros((0, 4)), t["boxes"].new_zeros((0,))) for t in targets]
     boxes, labels = [], []
     for (p, objectness), t in zip(props, targets):
         big = (p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)
         p = p[big].float()
-        sure = objectness[big] > lc.background_far_max_objectness if objectness is not None else torch.zeros(len(p), dtype=torch.bool, device=p.device)
+        sure = objectness[big] > lc.background_far_max_objectness
         if len(t["boxes"]):
             iou, match = box_iou(p, t["boxes"]).max(dim=1)
         else:  # an image without objects: every proposal is background
