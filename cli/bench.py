@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
-
-from regionclip.bench import STAGE_NAMES, check_settings, parse_size, run_benchmark
 
 from . import options as O
 from .render import console, progress
@@ -20,16 +17,21 @@ def bench(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 1,
     image_size: Annotated[str, typer.Option(help="Synthetic image size as HEIGHTxWIDTH.")] = "640x853",
     labels: Annotated[int, typer.Option("--labels", help="Vocabulary size (synthetic labels, embedded once before timing).")] = 10,
-    proposals: Annotated[Optional[int], typer.Option(help="Proposals per image (default: the preset's).")] = None,
+    proposals: Annotated[Optional[int], typer.Option(help=f"Proposals per image ({O.PRESET}).", show_default=False)] = None,
     iters: Annotated[int, typer.Option(help="Timed batches.")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed batches first (the first also counts FLOPs).")] = 2,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full result here.", show_default=False)] = None,
     flags: O.ModelFlags = None,
 ) -> None:
     """Time the pipeline on synthetic images: images/s, ms per stage, GFLOP/image, peak memory."""
+    from regionclip.bench import check_settings, parse_size, run_benchmark
+    from regionclip.outputs import atomic_write_json, check_output_file
+
     size = parse_size(image_size)
     check_settings(batch_size=batch_size, image_size=size, num_labels=labels, iters=iters, warmup=warmup,
                    num_proposals=proposals)
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     net = O.build_model(flags, [f"proposals.num_proposals={proposals}"] if proposals is not None else [])
     with progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=warmup + iters)
@@ -37,12 +39,13 @@ def bench(
                                warmup=warmup, progress=lambda done, total: bar.update(task, completed=done))
     console.print(result_table(result))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=1))
+        atomic_write_json(json_out, result)
         console.print(f"wrote {json_out}")
 
 
 def result_table(r: dict) -> Table:
+    from regionclip.bench import STAGE_NAMES
+
     s = r["settings"]
     title = (f"{s['clip_model']} {s['mode']} + {s['detector']}, {s['precision']}, batch {s['batch_size']}, "
              f"{s['image_size'][0]}x{s['image_size'][1]}, {s['num_proposals']} proposals, {s['num_labels']} labels "

@@ -5,13 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
-
-from regionclip import RegionCLIP
-from regionclip.data.shapes import CATEGORIES, render_shapes_image
-from regionclip.visualize import save_annotated
 
 from .render import console
 
@@ -21,6 +16,14 @@ def demo(
     seed: Annotated[int, typer.Option(help="Which random shapes image to draw.")] = 0,
 ) -> None:
     """Draw a synthetic shapes image, detect the 12 '<colour> <shape>' names with the demo model, save and print."""
+    import numpy as np
+
+    from regionclip import RegionCLIP
+    from regionclip.data.shapes import CATEGORIES, render_shapes_image
+    from regionclip.outputs import check_output_dir
+    from regionclip.visualize import save_annotated
+
+    check_output_dir(out, "--out")
     image, truth = render_shapes_image(np.random.default_rng(seed), size=(288, 384), empty_prob=0.0)
     model = RegionCLIP.from_pretrained("demo")
     dets = model.detect(image, CATEGORIES).cpu()

@@ -9,10 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from regionclip.data.splits import load_split
-from regionclip.errors import BadAnnotations, BadInput
-from regionclip.eval_dataset import evaluate_model, evaluate_results
-from regionclip.evaluate import load_ground_truth, write_report
+from regionclip.errors import BadAnnotations, BadImage, BadInput
 
 from . import options as O
 from .render import console, progress, warn
@@ -45,45 +42,84 @@ def render(report: dict) -> None:
 
 @O.with_model_flags()
 def eval_(
-    annotations: Annotated[Path, typer.Option(help="COCO instances JSON (ground truth).")],
-    images: Annotated[Optional[Path], typer.Option(help="Image folder; detection runs over every image of the file.")] = None,
-    results: Annotated[Optional[Path], typer.Option(help="Score this COCO results JSON instead of running a model.")] = None,
-    split: Annotated[Optional[Path], typer.Option(help="YAML/JSON with base/novel category names, e.g. configs/splits/ovd_coco.yaml.")] = None,
-    vocabulary: Annotated[Optional[str], typer.Option(help="Comma-separated labels or a file (one per line); default: the file's categories.")] = None,
+    annotations: Annotated[Path, typer.Option(help="COCO instances JSON (ground truth).", show_default=False)],
+    images: Annotated[Optional[Path], typer.Option(help="Image folder; detection runs over every image of the file.",
+                                                   show_default=False)] = None,
+    results: Annotated[Optional[Path], typer.Option(help=(
+        "Score this COCO results JSON instead of running a model. Records may carry 'image' (a path, matched to "
+        "file_name) and 'label' (a category name) instead of ids, as detect --json writes them; names win over ids."),
+        show_default=False)] = None,
+    split: Annotated[Optional[Path], typer.Option(help="YAML/JSON with base/novel category names, e.g. configs/splits/ovd_coco.yaml.",
+                                                  show_default=False)] = None,
+    vocabulary: Annotated[Optional[str], typer.Option(help="Comma-separated labels or a file (one per line) (default: the file's categories).",
+                                                      show_default=False)] = None,
     proposals: Annotated[str, typer.Option(help="'model' (detect) or 'gt' (classify ground-truth boxes).")] = "model",
-    top_k: Annotated[int, typer.Option(help="Labels kept per box for mAP.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
-    results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.")] = None,
+    top_k: Annotated[int, typer.Option(help="Labels kept per box for mAP, at least 1.")] = 3,
+    batch_size: O.BatchSize = 8,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.", show_default=False)] = None,
+    results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.", show_default=False)] = None,
     flags: O.ModelFlags = None,
 ) -> None:
-    """Evaluate on COCO-format data: AP/AP50/AP75/APs/APm/APl overall and per split (pycocotools)."""
+    """Evaluate on COCO-format data: AP/AP50/AP75/APs/APm/APl overall and per split (pycocotools).
+
+    Arguments, output paths and the split are checked before any model is built.
+    """
+    from regionclip.data.splits import load_split
+    from regionclip.evaluate import check_split, load_ground_truth, write_report
+    from regionclip.outputs import atomic_write_json, check_output_file
+
+    if proposals not in ("model", "gt"):
+        raise BadInput(f"--proposals must be 'model' or 'gt', but got {proposals!r}")
+    O.check_positive("--top-k", top_k)
+    O.check_positive("--batch-size", batch_size)
+    for path, flag in ((json_out, "--json"), (results_out, "--results-out")):
+        if path is not None:
+            check_output_file(path, flag)
     gt = load_ground_truth(annotations)
+    vocab = _vocabulary(vocabulary)
     parts = load_split(split) if split is not None else None
+    if parts is not None:
+        check_split(gt, parts, vocab if results is None else None)
     if results is not None:
-        if not results.is_file():
-            raise BadAnnotations(f"results file not found: {results}")
-        try:
-            records = json.loads(results.read_text())
-        except json.JSONDecodeError as exc:
-            raise BadAnnotations(f"{results}: not valid JSON ({exc.msg})") from None
-        report = evaluate_results(gt, records, parts)
+        report = _score_file(gt, results, parts)
     else:
-        if images is None:
-            raise BadInput("pass --images FOLDER to run a model, or --results FILE to score existing results")
-        vocab = None
-        if vocabulary:
-            p = Path(vocabulary)
-            vocab = [s.strip() for s in (p.read_text().splitlines() if p.is_file() else vocabulary.split(",")) if s.strip()]
-        net = O.build_model(flags)
-        with progress(transient=True) as bar:
-            task = bar.add_task("evaluating", total=len(gt.imgs))
-            report, records = evaluate_model(net, gt, images, split=parts, vocabulary=vocab, proposals=proposals,
-                                             top_k=top_k, batch_size=batch_size, progress=lambda n: bar.advance(task, n))
+        report, records = _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags)
         if results_out is not None:
-            results_out.parent.mkdir(parents=True, exist_ok=True)
-            results_out.write_text(json.dumps(records))
+            atomic_write_json(results_out, records, indent=None)
     render(report)
     if json_out is not None:
         write_report(report, json_out)
         console.print(f"wrote {json_out}")
+
+
+def _vocabulary(vocabulary: str | None) -> list[str] | None:
+    if not vocabulary:
+        return None
+    p = Path(vocabulary)
+    return [s.strip() for s in (p.read_text().splitlines() if p.is_file() else vocabulary.split(",")) if s.strip()]
+
+
+def _score_file(gt, results: Path, parts) -> dict:
+    from regionclip.eval_dataset import evaluate_results
+
+    if not results.is_file():
+        raise BadAnnotations(f"results file not found: {results}")
+    try:
+        records = json.loads(results.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadAnnotations(f"{results}: not valid JSON ({exc.msg})") from None
+    return evaluate_results(gt, records, parts)
+
+
+def _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags) -> tuple[dict, list[dict]]:
+    from regionclip.eval_dataset import evaluate_model
+
+    if images is None:
+        raise BadInput("pass --images FOLDER to run a model, or --results FILE to score existing results")
+    if not images.is_dir():
+        raise BadImage(f"images folder not found: {images}")
+    net = O.build_model(flags)
+    with progress(transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(gt.imgs))
+        return evaluate_model(net, gt, images, split=parts, vocabulary=vocab, proposals=proposals, top_k=top_k,
+                              batch_size=batch_size, progress=lambda n: bar.advance(task, n))

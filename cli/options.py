@@ -1,28 +1,93 @@
-"""Options shared by commands that build a model, and the one function that builds it."""
+"""Options shared by commands that build a model, the checks run before building it, and building it.
+
+Nothing here imports torch at module level: ``regionclip --help`` must not pay for it. The
+model is built by ``build_model``, after every cheap check of a command has passed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from regionclip import RegionCLIP
-from regionclip.detector import resolve_model_config
+from regionclip.config import ModelConfig, ScoringConfig, check_scoring
+from regionclip.errors import BadConfig, BadInput
+
+if TYPE_CHECKING:
+    from regionclip import RegionCLIP
+
+PRESET = "default: the preset's"
+
+
+def _preset_default(value: Any) -> str:
+    return f"({PRESET}; {value} unless it sets one)"
+
+
+class Command(TyperCommand):
+    """A typer command whose help shows flags as flags: no ``<bool>`` beside ``--help`` or ``--x/--no-x``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Group(TyperGroup):
+    """The root group, with the same ``--help`` rendering as ``Command``."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Preset in configs/models/ (demo, vitb16, rn50) or a model YAML path.")]
-ClipModel = Annotated[Optional[str], typer.Option(help="open_clip architecture, e.g. ViT-B-16, RN50 (overrides the preset).")]
-ClipPretrained = Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai, laion2b_...), a local checkpoint path, or 'none' for random weights.")]
-Detector = Annotated[Optional[str], typer.Option(help="torchvision builder: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn.")]
-DetectorWeights = Annotated[Optional[str], typer.Option(help="'coco' (torchvision weights), a local checkpoint path, or 'none'.")]
-Mode = Annotated[Optional[str], typer.Option(help="Region embeddings: 'crop' (RoIAlign crops through the tower) or 'pool' (one dense pass per image).")]
-Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Precision = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (fp16 needs CUDA).")]
-Set = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted config override, e.g. --set proposals.num_proposals=100 (repeatable).")]
-TextCache = Annotated[Optional[Path], typer.Option(help="Folder for the on-disk text-embedding cache.")]
+ClipModel = Annotated[Optional[str], typer.Option(help=f"open_clip architecture, e.g. ViT-B-16, RN50 ({PRESET}).", show_default=False)]
+ClipPretrained = Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai, laion2b_...), a local checkpoint path, "
+                                                            f"or 'none' for random weights ({PRESET}).", show_default=False)]
+Detector = Annotated[Optional[str], typer.Option(help="torchvision builder: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, "
+                                                      f"fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn ({PRESET}).",
+                                                 show_default=False)]
+DetectorWeights = Annotated[Optional[str], typer.Option(help=f"'coco' (torchvision weights), a local checkpoint path, or 'none' ({PRESET}).",
+                                                        show_default=False)]
+Mode = Annotated[Optional[str], typer.Option(help="Region embeddings: 'crop' (RoIAlign crops through the tower) or 'pool' (one dense "
+                                                  f"pass per image) {_preset_default(ModelConfig.mode)}.", show_default=False)]
+Device = Annotated[Optional[str], typer.Option(help=f"auto, cpu, cuda or cuda:N {_preset_default(ModelConfig.device)}.", show_default=False)]
+Precision = Annotated[Optional[str], typer.Option(help=f"fp32, bf16 or fp16 (fp16 needs CUDA) {_preset_default(ModelConfig.precision)}.",
+                                                  show_default=False)]
+Set = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted config override, e.g. --set proposals.num_proposals=100 (repeatable).",
+                                                  show_default=False)]
+TextCache = Annotated[Optional[Path], typer.Option(help="Folder for the on-disk text-embedding cache (default: memory only).",
+                                                   show_default=False)]
+
+# Scoring flags: None keeps the preset's value.
+ScoreThreshold = Annotated[Optional[float], typer.Option(
+    help=f"Drop detections scoring below this, in [0, 1] {_preset_default(ScoringConfig.score_threshold)}.", show_default=False)]
+NmsIou = Annotated[Optional[float], typer.Option(
+    help=f"IoU in [0, 1] for per-label non-maximum suppression {_preset_default(ScoringConfig.nms_iou)}.", show_default=False)]
+MaxDetections = Annotated[Optional[int], typer.Option(
+    help=f"Keep at most this many detections per image, at least 1 {_preset_default(ScoringConfig.max_detections)}.", show_default=False)]
+TopK = Annotated[Optional[int], typer.Option(
+    help=f"Labels kept per box, at least 1 {_preset_default(ScoringConfig.top_k)}.", show_default=False)]
+AgnosticNms = Annotated[Optional[bool], typer.Option(
+    "--agnostic-nms/--no-agnostic-nms",
+    help="Also suppress overlapping boxes across labels, so one object gets one box "
+         f"{_preset_default('on' if ScoringConfig.agnostic_nms else 'off')}.", show_default=False)]
+BatchSize = Annotated[int, typer.Option(help="Images per batch, at least 1.")]
 
 DEFAULT_MODEL = "vitb16"
 
@@ -72,8 +137,40 @@ def with_model_flags(text_cache: bool = True) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def build_model(flags: ModelFlags, extra_sets: Sequence[str] = ()) -> RegionCLIP:
-    """Preset + explicit flags -> model. Flags win over the preset."""
+_SCORING_FLAGS = {"score_threshold": "--score-threshold", "nms_iou": "--nms-iou", "max_detections": "--max-detections",
+                  "top_k": "--top-k", "agnostic_nms": "--agnostic-nms"}
+
+
+def check_scoring_flags(**given: Any) -> dict[str, Any]:
+    """Check scoring flag values (None: not given) with ``regionclip.config.check_scoring``.
+
+    Runs before anything is built; returns the given ones as a dict for ``RegionCLIP.detect``.
+    Raises ``BadConfig`` whose message names the flag.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        check_scoring(dataclasses.replace(ScoringConfig(), **given))
+    except BadConfig as exc:
+        message = str(exc)
+        for field, flag in _SCORING_FLAGS.items():
+            if message.startswith(field + " "):
+                message = flag + message[len(field):]
+                break
+        raise BadConfig(message) from None
+    return given
+
+
+def check_positive(flag: str, value: int) -> int:
+    """``value`` if it is at least 1, else ``BadInput`` naming ``flag``."""
+    if value < 1:
+        raise BadInput(f"{flag} must be at least 1, but got {value}")
+    return value
+
+
+def resolve_config(flags: ModelFlags, extra_sets: Sequence[str] = ()) -> ModelConfig:
+    """Preset + ``--set`` + explicit flags -> the model config (cheap: reads YAML, builds nothing)."""
+    from regionclip.detector import resolve_model_config  # here, not at the top: --help must not import torch
+
     sets = list(flags.set_ or []) + list(extra_sets)
     if flags.text_cache is not None:
         sets.append(f"text.cache_dir={flags.text_cache}")
@@ -85,4 +182,12 @@ def build_model(flags: ModelFlags, extra_sets: Sequence[str] = ()) -> RegionCLIP
     for key, value in explicit.items():
         if value is not None:
             setattr(cfg, key, value)
+    return cfg
+
+
+def build_model(flags: ModelFlags | ModelConfig, extra_sets: Sequence[str] = ()) -> RegionCLIP:
+    """Flags (or a config from ``resolve_config``) -> model. Flags win over the preset."""
+    from regionclip.detector import RegionCLIP
+
+    cfg = flags if isinstance(flags, ModelConfig) else resolve_config(flags, extra_sets)
     return RegionCLIP(config=cfg)

@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from regionclip.data.shapes import make_shapes as write_shapes
-
 from .render import console, progress
 
 
@@ -25,6 +23,8 @@ def make_shapes(
     Writes OUT_DIR/train/*.jpg, OUT_DIR/val/*.jpg, OUT_DIR/annotations/instances_{train,val}.json
     and OUT_DIR/split.yaml (9 base classes; novel: red triangle, green circle, blue square).
     """
+    from regionclip.data.shapes import make_shapes as write_shapes
+
     bar = progress()
     task = bar.add_task("drawing shapes", total=train + val)
 

@@ -7,8 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from regionclip.train import load_train_config, train as run_training
-
 from . import options as O
 from .render import console, progress
 
@@ -19,8 +17,15 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (overrides out_dir in the config).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue from a last.pt/best.pt of an earlier run.")] = None,
 ) -> None:
-    """Train region-text matching (and optionally the proposal stage); write checkpoints, metrics and model.pt."""
+    """Train region-text matching (and optionally the proposal stage); write checkpoints, metrics and model.pt.
+
+    The output folder is checked before data or model are built.
+    """
+    from regionclip.outputs import check_output_dir
+    from regionclip.train import load_train_config, train as run_training
+
     cfg = load_train_config(config, set_ or [], out)
+    check_output_dir(cfg.out_dir, "--out" if out is not None else "out_dir")
     bar = progress()
     task = bar.add_task("training", total=cfg.optim.max_steps)
 

@@ -24,11 +24,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import clip_boxes_to_image
-
-from regionclip import RegionCLIP, score_regions
+from regionclip import RegionCLIP
+from regionclip.batch import ImageBatch
 from regionclip.bench import device_name, parse_size, run_benchmark, synthetic_images, synthetic_labels
 from regionclip.runtime import autocast_for, resolve_device, synchronize
+from regionclip.scoring import score_regions
 
 
 def time_images_per_s(fn, batch_size: int, device: torch.device, iters: int, warmup: int) -> float:
@@ -51,15 +51,14 @@ def naive_pipeline(model: RegionCLIP, images, labels):
     regions = model.regions  # borrowed only for its normalisation and input size
     size = regions.input_size
     out = []
-    for img, (boxes, objectness) in zip(images, model.proposals(images)):
-        boxes = clip_boxes_to_image(boxes.float(), img.shape[-2:])
+    for img, boxes, objectness in zip(images, *model.propose(ImageBatch.from_tensors(images))):
         crops = []
         for x1, y1, x2, y2 in boxes.round().int().tolist():  # one crop at a time, as a PIL loop would
             patch = img[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
             patch = F.interpolate(patch[None], size=(size, size), mode="bilinear", align_corners=False)
             crops.append(regions.normalize(patch[0]))
         emb = F.normalize(model.clip.encode_image(torch.stack(crops)).float(), dim=-1)
-        out.append(score_regions(emb, text_emb, boxes, objectness.float(), model.cfg.scoring,
+        out.append(score_regions(emb, text_emb, boxes, objectness, model.cfg.scoring,
                                  model.logit_scale, labels))
     return out
 

@@ -1,20 +1,60 @@
-"""regionclip: region-level open-vocabulary object detection."""
+"""regionclip: region-level open-vocabulary object detection.
 
-from .config import ModelConfig
-from .detections import Detections
-from .detector import RegionCLIP, score_regions
+The public names are imported on first use (PEP 562 ``__getattr__``), so ``import regionclip``,
+``regionclip.errors`` and ``regionclip.config`` do not import torch; ``from regionclip import
+RegionCLIP`` does, as it must. This keeps ``regionclip --help`` fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BadAnnotations,
     BadConfig,
     BadImage,
     BadInput,
+    BadOutput,
     RegionClipError,
     UnknownModel,
     WeightsUnavailable,
 )
 
+# name -> module that defines it, imported when the name is first used
+_LAZY = {
+    "RegionCLIP": ".detector",
+    "Detections": ".detections",
+    "ModelConfig": ".config",
+    "score_regions": ".scoring",
+    "ImageBatch": ".batch",
+    "draw_detections": ".visualize",
+    "save_annotated": ".visualize",
+}
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .detections import Detections
+    from .batch import ImageBatch
+    from .detector import RegionCLIP
+    from .scoring import score_regions
+    from .visualize import draw_detections, save_annotated
+
 __all__ = [
-    "RegionCLIP", "Detections", "ModelConfig", "score_regions", "RegionClipError", "BadInput",
-    "BadImage", "BadConfig", "BadAnnotations", "UnknownModel", "WeightsUnavailable",
+    "RegionCLIP", "Detections", "ModelConfig", "ImageBatch", "score_regions", "draw_detections",
+    "save_annotated", "RegionClipError", "BadInput",
+    "BadImage", "BadConfig", "BadAnnotations", "BadOutput", "UnknownModel", "WeightsUnavailable",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,8 +1,10 @@
 """Throughput of the detection pipeline, stage by stage, on synthetic images and labels.
 
-Warm-up iterations are excluded, and the one-off text encoding is reported apart from the
-per-batch cost of looking up cached label embeddings. The device is synchronised around
-every stage, so each stage's time is its own work and not whatever was still queued.
+The stages timed are ``RegionCLIP``'s own (``propose``, ``embed``, ``logits``, ``postprocess``
+over one ``ImageBatch``), called as ``detect`` calls them. Warm-up iterations are excluded, and
+the one-off text encoding is reported apart from the per-batch cost of looking up cached label
+embeddings. The device is synchronised around every stage, so each stage's time is its own work
+and not whatever was still queued.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.ops import clip_boxes_to_image
 
-from .detector import RegionCLIP, score_regions
+from .batch import ImageBatch
+from .detector import RegionCLIP
 from .errors import BadInput
 from .runtime import synchronize
 
-STAGES = ("proposals", "regions", "text", "scoring")
+STAGES = ("proposals", "regions", "text", "logits", "postprocess")
 STAGE_NAMES = {
-    "proposals": "proposals",
-    "regions": "region embeddings",
+    "proposals": "propose",
+    "regions": "embed (regions)",
     "text": "text lookup (cached)",
-    "scoring": "scoring + NMS",
+    "logits": "logits",
+    "postprocess": "postprocess (scores + NMS)",
 }
 
 
@@ -151,10 +154,9 @@ def _proc_status_kb(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def _one_batch(model: RegionCLIP, images: list[torch.Tensor], labels: list[str]) -> tuple[dict, int]:
-    """One pass through the stages, each timed between device synchronisations.
+def _one_batch(model: RegionCLIP, batch: ImageBatch, labels: list[str]) -> tuple[dict, int]:
+    """``RegionCLIP.detect_batch``'s stages, each timed between device synchronisations.
 
-    Mirrors ``RegionCLIP._detect_batch``, which fuses the stages and so can't time them apart.
     Returns ({stage: ms}, boxes in the batch).
     """
     device = model.device
@@ -168,19 +170,11 @@ def _one_batch(model: RegionCLIP, images: list[torch.Tensor], labels: list[str])
         times[stage] = (time.perf_counter() - start) * 1000
         return out
 
-    def proposals():
-        props = model.proposals(images)
-        boxes = [clip_boxes_to_image(b.float(), img.shape[-2:]) for (b, _), img in zip(props, images)]
-        return boxes, [o.float() for _, o in props]
-
-    boxes, objectness = timed("proposals", proposals)
-    emb = timed("regions", lambda: model.regions(images, boxes))
+    boxes, objectness = timed("proposals", lambda: model.propose(batch))
+    regions = timed("regions", lambda: model.embed(batch, boxes))
     text_emb = timed("text", lambda: model.text(labels))
-    scale = model.logit_scale
-    timed("scoring", lambda: [
-        score_regions(e, text_emb, b, o, model.cfg.scoring, scale, labels)
-        for e, b, o in zip(emb.split([len(b) for b in boxes]), boxes, objectness)
-    ])
+    logits = timed("logits", lambda: model.logits(regions, text_emb))
+    timed("postprocess", lambda: model.postprocess(batch, boxes, objectness, logits, labels))
     return times, sum(len(b) for b in boxes)
 
 
@@ -213,14 +207,14 @@ def run_benchmark(
                    warmup=warmup, num_proposals=model.cfg.proposals.num_proposals)
     h, w = image_size
     device = model.device
-    images = synthetic_images(batch_size, (h, w), device, seed)
+    batch = ImageBatch.from_tensors(synthetic_images(batch_size, (h, w), device, seed))
     labels = synthetic_labels(num_labels)
     total = warmup + iters
     done = 0
 
     def step():
         nonlocal done
-        out = _one_batch(model, images, labels)
+        out = _one_batch(model, batch, labels)
         done += 1
         if progress is not None:
             progress(done, total)
@@ -242,7 +236,7 @@ def run_benchmark(
             if warmup:
                 step()
             else:
-                _one_batch(model, images, labels)
+                _one_batch(model, batch, labels)
         for _ in range(warmup - 1):
             step()
         runs, boxes = [], []

@@ -74,8 +74,30 @@ class ScoringConfig:
     objectness_weight: float = 0.5  # geometric-mean weight of RPN objectness; 0.5 is RegionCLIP's sqrt
     score_threshold: float = 0.05
     nms_iou: float = 0.5  # per-class NMS
+    # A second, label-blind NMS at agnostic_nms_iou: one box per object, whatever label won.
+    # On for display (`detect`); eval turns it off, since COCO mAP wants each label's own ranking.
+    agnostic_nms: bool = True
+    agnostic_nms_iou: float = 0.7
     max_detections: int = 100
     top_k: int = 1  # labels kept per box; mAP evaluation wants more than one
+
+
+def check_scoring(cfg: ScoringConfig) -> ScoringConfig:
+    """Raise ``BadConfig`` for values no scoring can use; returns ``cfg`` unchanged.
+
+    Messages name the config field (``score_threshold``), not a command-line flag: the CLI
+    and the Python API share them.
+    """
+    for name in ("score_threshold", "nms_iou", "agnostic_nms_iou", "objectness_weight"):
+        value = getattr(cfg, name)
+        if not 0.0 <= float(value) <= 1.0:
+            raise BadConfig(f"{name} must be in [0, 1], but got {value}")
+    for name in ("max_detections", "top_k"):
+        if int(getattr(cfg, name)) < 1:
+            raise BadConfig(f"{name} must be at least 1, but got {getattr(cfg, name)}")
+    if cfg.logit_scale is not None and not float(cfg.logit_scale) > 0:
+        raise BadConfig(f"logit_scale must be positive (or null for the learned one), but got {cfg.logit_scale}")
+    return cfg
 
 
 @dataclass
@@ -89,6 +111,10 @@ class ModelConfig:
     mode: str = "crop"  # crop | pool
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # Longest image side decoded; larger images are reduced on decoding (JPEG draft mode), boxes
+    # still come back in original pixels. None: what the stages use (detector / pool max side,
+    # twice that in crop mode); 0: never reduce.
+    input_max_side: int | None = None
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -39,7 +39,9 @@ class Detections:
             raise BadInput(f"label_ids must have shape ({n},), but got {tuple(l.shape)}")
         if l.dtype != torch.int64:
             raise BadInput(f"label_ids must be int64, but got {l.dtype}")
-        if n and self.vocabulary and int(l.max()) >= len(self.vocabulary):
+        # Range-checked on the CPU only: on a GPU the check would wait for the device (a host
+        # sync per image), and ids made by ``topk`` over the vocabulary are in range anyway.
+        if n and self.vocabulary and l.device.type == "cpu" and int(l.max()) >= len(self.vocabulary):
             raise BadInput(
                 f"label id {int(l.max())} is out of range for a vocabulary of {len(self.vocabulary)}"
             )
@@ -85,24 +87,31 @@ class Detections:
         image_id: int | None = None,
         category_ids: Mapping[str, int] | None = None,
     ) -> list[dict]:
-        """COCO results records: ``bbox`` as ``[x, y, w, h]``, ``score``, ``category_id``, ``label``.
+        """COCO results records, one per detection, that pycocotools' ``loadRes`` accepts.
 
-        ``category_id`` comes from ``category_ids[label]`` when given (COCO ids), else it is
-        the index into the vocabulary. ``image`` (a file name) and ``image_id`` are added when given.
+        Each record holds ``bbox`` as ``[x, y, w, h]`` in original-image pixels, ``score``,
+        ``category_id`` and ``label`` (the name), plus ``image_id`` and ``image`` (a file
+        name) when given.
+
+        ``category_id`` is ``category_ids[label]`` when a mapping is given (the ground truth's
+        COCO ids; detections whose label it lacks are LEFT OUT, since they cannot be scored),
+        else the 1-based position in the vocabulary (COCO ids start at 1; ``label_ids + 1``).
         """
         records = []
         boxes = self.boxes_xyxy.detach().float().cpu()
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         for bbox, score, label_id in zip(xywh, self.scores.tolist(), self.label_ids.tolist()):
             name = self.vocabulary[label_id] if self.vocabulary else str(label_id)
+            if category_ids is not None and name not in category_ids:
+                continue
             record = {
                 "bbox": [round(v, 2) for v in bbox],
                 "score": round(float(score), 5),
-                "category_id": category_ids[name] if category_ids is not None else label_id,
+                "category_id": int(category_ids[name]) if category_ids is not None else label_id + 1,
                 "label": name,
             }
             if image_id is not None:
-                record["image_id"] = image_id
+                record["image_id"] = int(image_id)
             if image is not None:
                 record["image"] = image
             records.append(record)

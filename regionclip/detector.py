@@ -1,7 +1,9 @@
 """``RegionCLIP``: proposals -> region embeddings -> text matching -> ``Detections``.
 
-The composition root. It owns the device and precision; every stage is a module of its own
-and callable alone (``proposals``, ``regions``, ``text``).
+The composition root. It owns the device and precision and runs four stages over one padded
+``ImageBatch``: ``propose`` -> ``embed`` -> ``logits`` -> ``postprocess``. ``detect``, ``eval``,
+``bench`` and training call exactly these; each stage's work lives in a module of its own
+(``proposals``, ``regions``, ``text``, ``scoring``).
 """
 
 from __future__ import annotations
@@ -15,57 +17,24 @@ from typing import Sequence
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
 from . import weights as W
-from .config import ModelConfig, ScoringConfig, from_dict, list_model_presets, load_config, model_preset_path, to_dict
+from .batch import ImageBatch, aspect_groups
+from .config import (ModelConfig, ScoringConfig, check_scoring, from_dict, list_model_presets, load_config,
+                     model_preset_path, to_dict)
 from .detections import Detections
 from .errors import BadConfig, BadInput, WeightsUnavailable
-from .io import ImageSource, load_image, to_tensor
+from .io import ImageSource, LoadedImage, load_reduced
 from .proposals import HEAD_PREFIXES, ProposalStage, build_detector
 from .regions import build_region_encoder
 from .runtime import autocast_for, resolve_device
+from .scoring import probabilities, region_logits, score_regions, select  # noqa: F401 (score_regions re-exported)
 from .text import TextEncoder, check_labels
 
 CHECKPOINT_FORMAT = "regionclip/1"
-
-
-def score_regions(
-    region_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    boxes_xyxy: torch.Tensor,
-    objectness: torch.Tensor | None,
-    cfg: ScoringConfig,
-    logit_scale: float,
-    vocabulary: Sequence[str],
-    filter_boxes: bool = True,
-) -> Detections:
-    """Label boxes by region-text similarity.
-
-    ``region_emb`` (N, D) and ``text_emb`` (L, D) are unit-norm; ``objectness`` (N,) in [0, 1]
-    or None. Scores are softmax(scale * cosine) over the vocabulary (plus a zero "background"
-    embedding when configured), fused with objectness as p^(1-w) * o^w. Each box keeps its
-    top-k labels. With ``filter_boxes`` the score threshold, per-class NMS and max-detections
-    apply; without it every box comes back with its k labels in input order.
-    """
-    logits = logit_scale * region_emb.float() @ text_emb.float().T
-    if cfg.background:
-        logits = torch.cat([logits, logits.new_zeros((len(logits), 1))], dim=1)
-    probs = logits.softmax(dim=-1)[:, : len(text_emb)]
-    if objectness is not None and cfg.objectness_weight > 0:
-        w = cfg.objectness_weight
-        probs = probs.pow(1 - w) * objectness.float().clamp(min=0)[:, None].pow(w)
-    k = max(1, min(cfg.top_k, probs.shape[1]))
-    scores, label_ids = probs.topk(k, dim=1)
-    boxes = boxes_xyxy.float()[:, None].expand(-1, k, 4).reshape(-1, 4)
-    scores, label_ids = scores.reshape(-1), label_ids.reshape(-1)
-    if filter_boxes:
-        keep = torch.nonzero(scores >= cfg.score_threshold).squeeze(1)
-        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
-        keep = batched_nms(boxes, scores, label_ids, cfg.nms_iou)[: cfg.max_detections]
-        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
-    return Detections(boxes, scores, label_ids, tuple(vocabulary))
 
 
 class RegionCLIP(nn.Module):
@@ -119,7 +88,10 @@ class RegionCLIP(nn.Module):
             return RegionCLIP._load_checkpoint(cfg)
         clip_res = W.resolve_clip(cfg.clip_model, cfg.clip_pretrained)
         det_res = W.resolve_detector(cfg.detector, cfg.detector_weights)
-        clip = _create_clip(cfg.clip_model)
+        # OpenAI's CLIPs were trained with QuickGELU, which open_clip's plain names (RN50,
+        # ViT-B-16) do not build: take the activation from the weights' tag.
+        tag = W.pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)
+        clip = _create_clip(cfg.clip_model, quick_gelu=bool(tag.get("quick_gelu")))
         if clip_res.path is not None:
             try:
                 open_clip.load_checkpoint(clip, str(clip_res.path), weights_only=True)
@@ -139,9 +111,10 @@ class RegionCLIP(nn.Module):
         ckpt = W.load_state(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise WeightsUnavailable(f"{path} is not a regionclip checkpoint (saved by RegionCLIP.save)")
+        arch = ckpt["clip_model_config"]
         if cfg.clip_model not in open_clip.list_models():
-            W.register_clip_config(cfg.clip_model, ckpt["clip_model_config"])
-        clip = _create_clip(cfg.clip_model)
+            W.register_clip_config(cfg.clip_model, arch)
+        clip = _create_clip(cfg.clip_model, quick_gelu=bool(arch.get("quick_gelu")))
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["clip"].items()}
         clip.load_state_dict(state)
         det_state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["detector"].items()}
@@ -178,7 +151,7 @@ class RegionCLIP(nn.Module):
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "config": cfg,
-            "clip_model_config": open_clip.get_model_config(self.cfg.clip_model),
+            "clip_model_config": self._clip_arch(),
             "clip": state(self.clip),
             "detector": state(self.proposals.detector),
         }
@@ -188,6 +161,13 @@ class RegionCLIP(nn.Module):
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
 
+    def _clip_arch(self) -> dict:
+        """The open_clip config this model was built with (QuickGELU included when forced)."""
+        arch = dict(open_clip.get_model_config(self.cfg.clip_model))
+        if _uses_quick_gelu(self.clip):
+            arch["quick_gelu"] = True
+        return arch
+
     # ---------------------------------------------------------------------------- inference
     @property
     def logit_scale(self) -> float:
@@ -195,9 +175,87 @@ class RegionCLIP(nn.Module):
             return float(self.cfg.scoring.logit_scale)
         return float(self.clip.logit_scale.exp().clamp(max=100))
 
-    def _inputs(self, images: Sequence[ImageSource]) -> list[torch.Tensor]:
+    @property
+    def input_max_side(self) -> int | None:
+        """The longest image side any stage uses; larger inputs are reduced when decoded.
+
+        The detector and the dense pool resize to at most their max side anyway. Crops cut from
+        the decoded image, so crop mode keeps twice that for the detail of small boxes.
+        """
+        if self.cfg.input_max_side is not None:
+            return self.cfg.input_max_side if self.cfg.input_max_side > 0 else None
+        t = self.proposals.detector.transform
+        side = max(int(t.max_size), int(max(t.min_size)))
+        if self.cfg.mode == "pool":
+            return max(side, self.cfg.regions.pool_max_side)
+        return 2 * side
+
+    def scoring_config(self, **overrides) -> ScoringConfig:
+        """The model's scoring with the non-None ``overrides`` applied, checked."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            cfg = dataclasses.replace(self.cfg.scoring, **given)
+        except TypeError as exc:
+            raise BadInput(f"unknown scoring option: {exc}") from None
+        return check_scoring(cfg)
+
+    def load(self, images: Sequence[ImageSource]) -> list[LoadedImage]:
+        """Decode images at the resolution the stages need (see ``input_max_side``)."""
+        return [load_reduced(img, self.input_max_side) for img in images]
+
+    def batch(self, loaded: Sequence[LoadedImage]) -> ImageBatch:
         """The one place where inputs move to the device."""
-        return [to_tensor(load_image(img), self.device) for img in images]
+        return ImageBatch.from_loaded(loaded, self.device)
+
+    def propose(self, batch: ImageBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stage 1: per image, (K, 4) xyxy boxes in batch pixels (inside the image) and (K,) objectness."""
+        props = self.proposals(batch.images())
+        boxes = [clip_boxes_to_image(b.float(), size) for (b, _), size in zip(props, batch.sizes)]
+        return boxes, [o.float() for _, o in props]
+
+    def embed(self, batch: ImageBatch, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stage 2: (sum Ni, D) unit-norm region embeddings of ``boxes[i]`` (xyxy, batch pixels)."""
+        return F.normalize(self.regions(batch.images(), list(boxes)), dim=-1)
+
+    def logits(self, regions: torch.Tensor, text_emb: torch.Tensor, *, background: bool | None = None,
+               scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 3: the full (N, L [+ 1]) matrix, background column last when ``background``
+        (default: the scoring config's); ``scale`` defaults to the model's logit scale."""
+        bg = self.cfg.scoring.background if background is None else background
+        return region_logits(regions, text_emb, self.logit_scale if scale is None else scale, bg)
+
+    def postprocess(
+        self,
+        batch: ImageBatch,
+        boxes: Sequence[torch.Tensor],
+        objectness: Sequence[torch.Tensor | None],
+        logits: torch.Tensor,
+        labels: Sequence[str],
+        scoring: ScoringConfig | None = None,
+        filter_boxes: bool = True,
+    ) -> list[Detections]:
+        """Stage 4: probabilities, top-k labels, threshold and NMS per image; boxes back in
+        original-image pixels. ``filter_boxes=False`` keeps every box (given boxes)."""
+        cfg = scoring or self.cfg.scoring
+        out = []
+        for i, (b, o, lg) in enumerate(zip(boxes, objectness, logits.split([len(b) for b in boxes]))):
+            d = select(b, probabilities(lg, len(labels), o, cfg), cfg, labels, filter_boxes)
+            out.append(Detections(batch.to_original(i, d.boxes_xyxy), d.scores, d.label_ids, d.vocabulary))
+        return out
+
+    def detect_batch(self, batch: ImageBatch, text_emb: torch.Tensor, labels: Sequence[str],
+                     scoring: ScoringConfig | None = None,
+                     boxes: Sequence[torch.Tensor] | None = None) -> list[Detections]:
+        """The four stages over one batch; ``boxes`` (batch pixels) replace the proposals."""
+        scoring = scoring or self.cfg.scoring
+        given = boxes is not None
+        with self.autocast():
+            if given:
+                objectness = [None] * len(boxes)
+            else:
+                boxes, objectness = self.propose(batch)
+            logits = self.logits(self.embed(batch, boxes), text_emb, background=scoring.background)
+        return self.postprocess(batch, boxes, objectness, logits, labels, scoring, filter_boxes=not given)
 
     @torch.inference_mode()
     def encode_text(self, labels: Sequence[str]) -> torch.Tensor:
@@ -208,10 +266,29 @@ class RegionCLIP(nn.Module):
     @torch.inference_mode()
     def encode_regions(self, image: ImageSource, boxes_xyxy) -> torch.Tensor:
         """(N, D) unit-norm embeddings of ``boxes_xyxy`` (N, 4) in pixels of ``image``."""
-        (tensor,) = self._inputs([image])
-        boxes = _check_boxes(boxes_xyxy, self.device)
+        batch = self.batch(self.load([image]))
+        boxes = batch.to_batch(0, _check_boxes(boxes_xyxy, self.device))
         with self.autocast():
-            return self.regions([tensor], [boxes])
+            return self.embed(batch, [boxes])
+
+    @torch.inference_mode()
+    def classify(self, images: Sequence[ImageSource], labels: Sequence[str], boxes: Sequence,
+                 batch_size: int = 8) -> list[torch.Tensor]:
+        """Per image, the (N, L) probability matrix of its given ``boxes`` (N, 4 xyxy, original
+        pixels) over ``labels``: the GT-box protocol's input. No objectness, no filtering."""
+        labels = check_labels(labels)
+        text_emb = self.encode_text(labels)
+        loaded = self.load(images)
+        out: list[torch.Tensor | None] = [None] * len(loaded)
+        for idx in aspect_groups([x.pixels.shape[:2] for x in loaded], _check_batch_size(batch_size)):
+            batch = self.batch([loaded[i] for i in idx])
+            given = [batch.to_batch(j, _check_boxes(boxes[i], self.device)) for j, i in enumerate(idx)]
+            with self.autocast():
+                logits = self.logits(self.embed(batch, given), text_emb)
+            probs = probabilities(logits, len(labels), None, self.cfg.scoring)
+            for i, p in zip(idx, probs.split([len(b) for b in given])):
+                out[i] = p
+        return out
 
     @torch.inference_mode()
     def detect(
@@ -224,65 +301,56 @@ class RegionCLIP(nn.Module):
         nms_iou: float | None = None,
         max_detections: int | None = None,
         top_k: int | None = None,
+        agnostic_nms: bool | None = None,
         batch_size: int = 8,
     ) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
-        Images: paths, PIL images, HxWx3 RGB arrays or tensors. ``boxes`` (N, 4 xyxy pixels,
-        or a list of them for a list of images) skips the proposal stage: each given box is
-        classified and returned with its top-k labels, in input order, unfiltered.
+        Images: paths, PIL images, HxWx3 RGB arrays or tensors. Images of any sizes share a
+        padded batch (similar aspect ratios together). ``boxes`` (N, 4 xyxy pixels, or a list
+        of them for a list of images) skips the proposal stage: each given box is classified
+        and returned with its top-k labels, in input order, unfiltered. ``agnostic_nms``:
+        suppress overlapping boxes across labels too (one box per object).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
+        batch_size = _check_batch_size(batch_size)
         if boxes is not None:
             boxes = [boxes] if single else list(boxes)
             if len(boxes) != len(items):
                 raise BadInput(f"got {len(items)} images but {len(boxes)} box lists")
             boxes = [_check_boxes(b, self.device) for b in boxes]
         labels = check_labels(labels)
-        scoring = dataclasses.replace(
-            self.cfg.scoring,
-            **{k: v for k, v in dict(score_threshold=score_threshold, nms_iou=nms_iou,
-                                     max_detections=max_detections, top_k=top_k).items() if v is not None},
-        )
+        scoring = self.scoring_config(score_threshold=score_threshold, nms_iou=nms_iou,
+                                      max_detections=max_detections, top_k=top_k, agnostic_nms=agnostic_nms)
         text_emb = self.encode_text(labels)
-        tensors = self._inputs(items)
+        loaded = self.load(items)
         out: list[Detections | None] = [None] * len(items)
-        # Equal-size images share a batch, so padding never changes an image's result.
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tensors):
-            groups.setdefault(tuple(t.shape), []).append(i)
-        for idx in groups.values():
-            for start in range(0, len(idx), max(1, batch_size)):
-                chunk = idx[start:start + batch_size]
-                given = [boxes[i] for i in chunk] if boxes is not None else None
-                dets = self._detect_batch([tensors[i] for i in chunk], text_emb, labels, scoring, given)
-                for i, d in zip(chunk, dets):
-                    out[i] = d
+        for idx in aspect_groups([x.pixels.shape[:2] for x in loaded], batch_size):
+            batch = self.batch([loaded[i] for i in idx])
+            given = [batch.to_batch(j, boxes[i]) for j, i in enumerate(idx)] if boxes is not None else None
+            for i, d in zip(idx, self.detect_batch(batch, text_emb, labels, scoring, given)):
+                out[i] = d
         return out[0] if single else out
 
-    def _detect_batch(self, tensors, text_emb, labels, scoring, given=None) -> list[Detections]:
-        with self.autocast():
-            if given is None:
-                props = self.proposals(tensors)
-                boxes = [clip_boxes_to_image(b.float(), t.shape[-2:]) for (b, _), t in zip(props, tensors)]
-                objectness = [o.float() for _, o in props]
-            else:
-                boxes, objectness = given, [None] * len(given)
-            emb = self.regions(tensors, boxes)
-        return [
-            score_regions(e, text_emb, b, o, scoring, self.logit_scale, labels, filter_boxes=given is None)
-            for e, b, o in zip(emb.split([len(b) for b in boxes]), boxes, objectness)
-        ]
+
+def _check_batch_size(batch_size) -> int:
+    if int(batch_size) < 1:
+        raise BadInput(f"batch_size must be at least 1, but got {batch_size}")
+    return int(batch_size)
 
 
-def _create_clip(name: str) -> nn.Module:
+def _create_clip(name: str, quick_gelu: bool = False) -> nn.Module:
     # open_clip logs a warning for every model built without weights; we load them ourselves.
     logging.disable(logging.WARNING)
     try:
-        return open_clip.create_model(name, pretrained=None)
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def _uses_quick_gelu(clip: nn.Module) -> bool:
+    return any(isinstance(m, open_clip.model.QuickGELU) for m in clip.modules())
 
 
 def _check_boxes(boxes, device) -> torch.Tensor:

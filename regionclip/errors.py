@@ -45,3 +45,9 @@ class BadAnnotations(RegionClipError):
     """A COCO annotation, results or split file is missing or malformed."""
 
     exit_code = 2
+
+
+class BadOutput(RegionClipError):
+    """An output path is unusable: a folder where a file is wanted (or the reverse), or not writable."""
+
+    exit_code = 2

@@ -12,29 +12,49 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from .detector import RegionCLIP
 from .errors import BadAnnotations, BadImage, BadInput
 from .eval_protocols import gt_box_accuracy, gt_box_records, gt_boxes
-from .evaluate import coco_map
-from .io import load_image
+from .evaluate import check_split, coco_map
+from .io import load_reduced
 
 Progress = Callable[[int], None]
 
 
-def _readable(coco, images_dir: Path, batch_size: int, skipped: list[str]):
-    """Yield batches of (image id, pixels); unreadable or missing files go to ``skipped``."""
-    batch = []
-    for image_id in sorted(coco.imgs):
+class _Images(Dataset):
+    """The images of a COCO file, decoded at the model's resolution (in DataLoader workers, so
+    decoding overlaps inference). An unreadable file yields its error instead of pixels."""
+
+    def __init__(self, coco, images_dir: Path, max_side: int | None):
+        self.coco, self.images_dir, self.max_side = coco, images_dir, max_side
+        self.ids = sorted(coco.imgs)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        image_id = self.ids[i]
         try:
-            batch.append((image_id, load_image(images_dir / coco.imgs[image_id]["file_name"])))
+            return image_id, load_reduced(self.images_dir / self.coco.imgs[image_id]["file_name"], self.max_side), None
         except BadImage as exc:
-            skipped.append(str(exc))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+            return image_id, None, str(exc)
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def _batches(coco, images_dir: Path, model: RegionCLIP, batch_size: int, workers: int, skipped: list[str]):
+    """Yield lists of (image id, LoadedImage); unreadable or missing files go to ``skipped``."""
+    loader = DataLoader(_Images(coco, images_dir, model.input_max_side), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_as_list, pin_memory=model.device.type == "cuda")
+    for items in loader:
+        skipped += [error for _, _, error in items if error is not None]
+        good = [(image_id, loaded) for image_id, loaded, error in items if error is None]
+        if good:
+            yield good
 
 
 def vocabulary_for(coco, vocabulary: Sequence[str] | None) -> tuple[list[str], dict[str, int]]:
@@ -42,7 +62,7 @@ def vocabulary_for(coco, vocabulary: Sequence[str] | None) -> tuple[list[str], d
     names = {c["name"]: c["id"] for c in coco.cats.values()}
     labels = list(dict.fromkeys(vocabulary)) if vocabulary else [c["name"] for c in coco.cats.values()]
     if not labels:
-        raise BadInput("the vocabulary is empty: the annotation file has no categories; pass --vocabulary")
+        raise BadInput("the vocabulary is empty: the annotation file has no categories; pass a vocabulary (--vocabulary)")
     return labels, {n: names[n] for n in labels if n in names}
 
 
@@ -61,6 +81,7 @@ def evaluate_model(
     proposals: str = "model",
     top_k: int = 3,
     batch_size: int = 8,
+    workers: int = 2,
     progress: Progress | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run ``model`` over every image of ``coco`` (a pycocotools COCO) and score it.
@@ -68,13 +89,19 @@ def evaluate_model(
     Returns ``(report, records)``: the report holds the figures in percent (``map``; with
     ``proposals="gt"`` also ``accuracy``) and the settings; ``records`` are the COCO results.
     Missing or unreadable images are skipped and counted in ``report["images_skipped"]``.
+    ``workers`` DataLoader processes decode images while the model runs (0: in this process).
     """
     if proposals not in ("model", "gt"):
         raise BadInput(f"unknown proposals '{proposals}': use model or gt")
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise BadImage(f"images folder not found: {images_dir}")
+    if int(batch_size) < 1 or int(workers) < 0 or int(top_k) < 1:
+        raise BadInput(f"batch_size and top_k must be at least 1 and workers at least 0, "
+                       f"but got {batch_size}, {top_k} and {workers}")
     labels, ids = vocabulary_for(coco, vocabulary)
+    if split is not None:
+        check_split(coco, split, labels)  # a wrong split fails now, not after inference
     skipped: list[str] = []
     records: list[dict] = []
     scores, ann_ids = {}, {}
@@ -82,12 +109,14 @@ def evaluate_model(
     if proposals == "gt":
         missing = [c["name"] for c in coco.cats.values() if c["name"] not in ids]
         if missing:
-            raise BadInput(f"--proposals gt classifies over the file's categories; the vocabulary lacks {missing[0]!r}")
+            raise BadInput(f"the GT-box protocol (proposals 'gt') classifies over the file's categories; "
+                           f"the vocabulary lacks {missing[0]!r}")
         category_ids = [ids[n] for n in labels]
-    for batch in _readable(coco, images_dir, batch_size, skipped):
-        pixels = [img for _, img in batch]
+    for batch in _batches(coco, images_dir, model, batch_size, workers, skipped):
+        pixels = [loaded for _, loaded in batch]
         if proposals == "model":
-            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=0.0,
+            # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
+            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=0.0, agnostic_nms=False,
                                 max_detections=COCO_MAX_DETECTIONS, batch_size=batch_size)
             for (image_id, _), d in zip(batch, dets):
                 d = d.cpu()
@@ -95,14 +124,9 @@ def evaluate_model(
                 records += d.to_records(image_id=image_id, category_ids=ids)
         else:
             gts = [gt_boxes(coco, image_id) for image_id, _ in batch]
-            dets = model.detect(pixels, labels, boxes=[b for _, b in gts], top_k=len(labels), batch_size=batch_size)
-            for (image_id, _), (a_ids, _), d in zip(batch, gts, dets):
-                # detect() gives each box's labels best first; scatter back into a (G, L) matrix.
-                g = len(a_ids)
-                matrix = torch.zeros((g, len(labels)))
-                if g:  # an image may have no objects
-                    matrix.scatter_(1, d.label_ids.cpu().view(g, -1), d.scores.cpu().view(g, -1))
-                scores[image_id], ann_ids[image_id] = matrix, a_ids
+            probs = model.classify(pixels, labels, [b for _, b in gts], batch_size=batch_size)
+            for (image_id, _), (a_ids, _), p in zip(batch, gts, probs):
+                scores[image_id], ann_ids[image_id] = p.cpu(), a_ids
         images += len(batch)
         if progress:
             progress(len(batch))

@@ -5,7 +5,8 @@ Nothing here runs a model. The caller turns ``Detections`` into COCO results rec
 
 Conventions:
     * results records are dicts with ``image_id``, ``category_id`` (COCO ids), ``bbox`` as
-      ``[x, y, w, h]`` in original-image pixels, and ``score``;
+      ``[x, y, w, h]`` in original-image pixels, and ``score``; records that carry an ``image``
+      file name or a ``label`` get their ids from the ground truth (``regionclip.results``);
     * every figure is in PERCENT, as detectron2 prints it; a figure that is undefined (a category
       or split with no ground truth) is ``None``, never NaN, so reports stay valid JSON;
     * a split is ``{"base": [names], "novel": [names]}`` (``regionclip.data.splits.load_split``).
@@ -21,7 +22,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -30,6 +30,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .errors import BadAnnotations
+from .outputs import atomic_write_json
+from .results import resolve_records
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _RECORD_KEYS = ("image_id", "category_id", "bbox", "score")
@@ -82,16 +84,18 @@ def load_ground_truth(path: str | os.PathLike) -> COCO:
 def check_results(coco_gt: COCO, records: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Validate COCO results records against the ground truth; return clean copies.
 
-    Each copy holds exactly ``image_id`` (int), ``category_id`` (int), ``bbox`` (4 floats,
-    ``[x, y, w, h]``) and ``score`` (float); extra keys such as ``label`` are dropped.
-    An empty list is valid.
+    Records with an ``image`` file name or a ``label`` first get ``image_id``/``category_id``
+    from the ground truth (``regionclip.results.resolve_records``: names win over ids), so
+    ``regionclip detect --json`` output scores as it is. Each copy holds exactly ``image_id``
+    (int), ``category_id`` (int), ``bbox`` (4 floats, ``[x, y, w, h]``) and ``score`` (float);
+    extra keys such as ``label`` are dropped. An empty list is valid.
 
     Raises:
-        BadAnnotations: a record is malformed, or names image or category ids the ground
-            truth does not have (the message names the first and counts them).
+        BadAnnotations: a record is malformed, names an image or label the ground truth does
+            not have, or names image or category ids it does not have (the message names the
+            first and counts them).
     """
-    if not isinstance(records, (list, tuple)):
-        raise BadAnnotations(f"results must be a list of records, but got {type(records).__name__}")
+    records = resolve_records(coco_gt, records)
     clean = []
     for i, rec in enumerate(records):
         try:
@@ -105,7 +109,8 @@ def check_results(coco_gt: COCO, records: Sequence[Mapping[str, Any]]) -> list[d
         except (KeyError, TypeError, ValueError) as exc:
             raise BadAnnotations(
                 f"results record {i} is malformed ({exc!r}); each needs "
-                f"{', '.join(_RECORD_KEYS)} with bbox as [x, y, w, h]"
+                f"{', '.join(_RECORD_KEYS)} with bbox as [x, y, w, h] (an 'image' file name may stand in "
+                "for image_id, a 'label' for category_id)"
             ) from None
         if len(bbox) != 4 or not all(map(math.isfinite, bbox + [out["score"]])):
             raise BadAnnotations(
@@ -127,6 +132,36 @@ def _check_known(records: list[dict], key: str, known: set[int], what: str, reme
             f"{len(unknown)} results name {what} ids not in the ground truth "
             f"(first: {unknown[0]}); {remedy}"
         )
+
+
+def check_split(
+    coco_gt: COCO,
+    split: Mapping[str, Sequence[str]],
+    vocabulary: Sequence[str] | None = None,
+) -> dict[str, list[int]]:
+    """Check a split before any model runs: its names against the ground truth and the vocabulary.
+
+    Call it right after loading the ground truth, so a wrong split fails in a second instead
+    of after inference. ``vocabulary`` is the label list detection will use (None: the ground
+    truth's category names); it must contain at least one split category, or every split
+    figure would be zero. A vocabulary holding only some of the split is allowed (e.g. novel
+    names alone).
+
+    Returns:
+        ``split_category_ids(coco_gt, split)``.
+
+    Raises:
+        BadAnnotations: from ``split_category_ids``, or no split category is in the vocabulary.
+    """
+    ids = split_category_ids(coco_gt, split)
+    if vocabulary is not None:
+        names = set(vocabulary)
+        if not any(n in names for part in _SPLIT_NAMES for n in split[part]):
+            raise BadAnnotations(
+                "none of the split's categories is in the vocabulary, so every split figure would be 0; "
+                f"the vocabulary starts {list(vocabulary)[:3]}, the split's base list {list(split['base'])[:3]}"
+            )
+    return ids
 
 
 def split_category_ids(coco_gt: COCO, split: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
@@ -233,35 +268,13 @@ def coco_map(
     return report
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types: NaN/inf become None, numpy/torch scalars and arrays become Python."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy and torch, scalars and arrays alike
-        return _json_safe(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``report`` as indented JSON, atomically (a temporary file, then ``os.replace``).
+    """Write ``report`` as indented JSON, atomically (``regionclip.outputs.atomic_write_json``).
 
-    Parent folders are created; NaN becomes ``null``. Returns the path written.
+    Parent folders are created; NaN becomes ``null``; the file gets the umask's usual
+    permissions (0644), not a temporary file's 0600. Returns the path written.
+
+    Raises:
+        BadOutput: the path cannot be written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(report), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        # A half-written temporary must not linger beside the reports.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(path, report, indent=2)

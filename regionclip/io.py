@@ -1,12 +1,20 @@
-"""Image loading and input expansion: everything becomes an HxWx3 uint8 RGB array."""
+"""Image loading and input expansion: everything becomes an HxWx3 uint8 RGB array.
+
+``load_image`` gives the full resolution; ``load_reduced`` decodes only what the model's stages
+need (JPEG draft mode, then a resize right after decoding) and remembers the original size, so
+boxes can still come back in original pixels.
+"""
 
 from __future__ import annotations
 
 import glob
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,8 +22,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadImage
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+# Pillow refuses images above ~179 MP as a decompression-bomb guard; detection photos from
+# gigapixel cameras and scanners are legitimate, and draft decoding keeps their memory small.
+Image.MAX_IMAGE_PIXELS = 1_000_000_000
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """Decoded pixels (HxWx3 uint8 RGB, possibly reduced) and the (h, w) of the original image."""
+
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, LoadedImage]
 
 
 def expand_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
@@ -62,7 +82,65 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
         # Transparent pixels become white rather than whatever colour hides behind alpha 0.
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    # np.array copies into a writable array (np.asarray of a PIL image is read-only, and
+    # torch.from_numpy warns on those).
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise BadImage(f"{path}: no such file")
+    if path.is_dir():
+        raise BadImage(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise BadImage(f"{path}: file is empty")
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
+
+
+def _decode(path: Path, max_side: int | None) -> LoadedImage:
+    """Decode ``path``; with ``max_side``, JPEGs decode at the smallest 1/2^k scale still at
+    least that large (Pillow's draft mode), so a 100-megapixel photo never exists in memory."""
+    img = _open(path)
+    try:
+        with img:
+            w, h = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the axes
+                h, w = w, h
+            if max_side is not None and max(w, h) > max_side and img.format == "JPEG":
+                scale = max_side / max(w, h)
+                img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+            img.load()
+            pixels = _pil_to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
+    return LoadedImage(pixels, (h, w))
+
+
+def reduce(pixels: np.ndarray, max_side: int | None) -> np.ndarray:
+    """Shrink HxWx3 uint8 so its longer side is at most ``max_side`` (area interpolation)."""
+    h, w = pixels.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return pixels
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def load_reduced(source: ImageSource, max_side: int | None = None) -> LoadedImage:
+    """Load any ``ImageSource`` with its longer side at most ``max_side`` (None: full size).
+
+    The original (h, w) is kept, so callers can map boxes back to original pixels.
+    """
+    if isinstance(source, LoadedImage):
+        return LoadedImage(reduce(source.pixels, max_side), source.original_size)
+    if isinstance(source, (str, os.PathLike)):
+        loaded = _decode(Path(source), max_side)
+        return LoadedImage(reduce(loaded.pixels, max_side), loaded.original_size)
+    pixels = load_image(source)
+    return LoadedImage(reduce(pixels, max_side), pixels.shape[:2])
 
 
 def load_image(source: ImageSource) -> np.ndarray:
@@ -71,20 +149,10 @@ def load_image(source: ImageSource) -> np.ndarray:
     Float arrays and tensors are taken as values in [0, 1]. Raises ``BadImage`` for missing,
     empty, corrupt or unreadable files and for arrays of the wrong shape.
     """
+    if isinstance(source, LoadedImage):
+        return source.pixels
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise BadImage(f"{path}: no such file")
-        if path.is_dir():
-            raise BadImage(f"{path}: is a directory, not an image")
-        if path.stat().st_size == 0:
-            raise BadImage(f"{path}: file is empty")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return _pil_to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
+        return _decode(Path(source), None).pixels
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source)
     if isinstance(source, torch.Tensor):

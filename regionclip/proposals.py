@@ -171,19 +171,30 @@ class ProposalStage(nn.Module):
             out_scores.append(d["scores"][keep])
         return out_boxes, out_scores
 
-    def losses(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Training losses of the class-agnostic detector on torchvision-style ``targets``.
+    def forward_train(
+        self, images: list[torch.Tensor], targets: list[dict]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """One backbone + RPN pass that gives both the detector's training losses and the
+        proposals a training step samples regions from.
 
         ``targets[i]["boxes"]`` are xyxy in the pixels of ``images[i]``; labels are ignored
-        (every object is class 1). Includes the box-head losses so ``source="final"`` trains too.
+        (every object is class 1). Returns ``(proposals, losses)``: proposals as ``forward``
+        gives them (RPN boxes with objectness, detached, in input pixels, for either
+        ``source``: a training step samples from the RPN's candidates), losses including the
+        box head's with ``source="final"`` so it trains too.
         """
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
         agnostic = [
             {"boxes": t["boxes"], "labels": torch.ones_like(t["labels"])} for t in targets
         ]
         batch, agnostic = self.detector.transform(images, agnostic)
         features = self.detector.backbone(batch.tensors)
-        proposals, _, losses = self._rpn(batch, features, agnostic)
-        if self.cfg.source == "rpn":
-            return losses
-        _, head_losses = self.detector.roi_heads(features, proposals, batch.image_sizes, agnostic)
-        return {**losses, **head_losses}
+        boxes, scores, losses = self._rpn(batch, features, agnostic)
+        if self.cfg.source == "final":
+            _, head_losses = self.detector.roi_heads(features, boxes, batch.image_sizes, agnostic)
+            losses = {**losses, **head_losses}
+        proposals = [
+            (resize_boxes(b, resized, orig), s)
+            for b, s, resized, orig in zip(boxes, scores, batch.image_sizes, original_sizes)
+        ]
+        return proposals, losses

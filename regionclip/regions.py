@@ -1,7 +1,8 @@
 """Region embeddings from an open_clip image tower: ``crop`` and ``pool`` encoders.
 
-Every encoder maps (images, boxes in original-image pixels) to unit-norm vectors in the joint
-image-text space. This module is the only caller of ``roi_align``.
+Every encoder maps (images, boxes in those images' pixels) to region features in the joint
+image-text space, before normalisation (``RegionCLIP.embed`` normalises; a box-regression head
+reads the raw features). This module is the only caller of ``roi_align``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from torchvision.ops import roi_align
 
+from .batch import pad_stack
 from .config import RegionConfig
 from .errors import BadInput
 
@@ -47,7 +49,7 @@ class RegionEncoder(nn.Module):
     def forward(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         """``images``: 3xHxW floats in [0, 1]; ``boxes[i]``: (Ni, 4) xyxy pixels of ``images[i]``.
 
-        Returns (sum Ni, D) unit-norm embeddings, in image order then box order.
+        Returns (sum Ni, D) float32 features (not normalised), in image order then box order.
         """
         raise NotImplementedError
 
@@ -66,52 +68,78 @@ class CropEncoder(RegionEncoder):
         return torch.cat([centre - half, centre + half], dim=1)
 
     def crops(self, images: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
-        """(sum Ni, 3, S, S) normalised crops."""
+        """(sum Ni, 3, S, S) normalised crops.
+
+        RoIAlign's adaptive sampling averages ceil(side / S)^2 points per output pixel, which
+        antialiases but costs quadratically in the box size (a 2000 px box at S = 224 reads 100
+        points per pixel). Boxes over ``4 S`` are cut from a 2x-averaged copy of the image
+        instead, halved again until they fit, so no crop reads more than 16 points per pixel;
+        boxes up to ``4 S`` are cut exactly as before.
+        """
         s = self.input_size
-        out = [
-            roi_align(self.normalize(img)[None], [self.square_boxes(b.to(img.dtype))], (s, s),
-                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-            for img, b in zip(images, boxes)
-        ]
-        return torch.cat(out) if out else images[0].new_zeros((0, 3, s, s))
+        squares = [self.square_boxes(b.to(img.dtype)) for img, b in zip(images, boxes)]
+        if not squares or not sum(len(q) for q in squares):
+            return images[0].new_zeros((0, 3, s, s)) if images else torch.zeros((0, 3, s, s))
+        sides = torch.cat([q[:, 2] - q[:, 0] for q in squares])
+        levels = torch.log2(sides / (4 * s)).ceil().clamp(min=0).long()
+        top = int(levels.max())  # one host read per batch, not per box
+        out = sides.new_empty((len(sides), 3, s, s))
+        start = 0
+        for img, q in zip(images, squares):
+            level = levels[start:start + len(q)]
+            x = self.normalize(img)[None]
+            for k in range(top + 1):
+                if k:
+                    x = F.avg_pool2d(x, 2, ceil_mode=True)
+                pick = torch.nonzero(level == k).flatten()
+                if len(pick):
+                    out[start + pick] = roi_align(x, [q[pick]], (s, s), spatial_scale=1 / 2**k,
+                                                  sampling_ratio=-1, aligned=True)
+            start += len(q)
+        return out
 
     def forward(self, images, boxes):
         crops = self.crops(images, boxes)
         chunks = [self.visual(c) for c in crops.split(self.cfg.crop_batch_size)] if len(crops) else []
         if not chunks:
-            return crops.new_zeros((0, self.embed_dim()))
-        return F.normalize(torch.cat(chunks).float(), dim=-1)
+            return crops.new_zeros((0, self.embed_dim())).float()
+        return torch.cat(chunks).float()
 
 class _DensePool(RegionEncoder):
-    """Shared by the pool encoders: resize to detection resolution and group equal sizes."""
+    """Shared by the pool encoders: each image resized to detection resolution, then one
+    zero-padded batch (zero is the mean colour after normalisation) and one dense pass."""
 
     stride = 32
 
     def resize(self, image: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """3xhxw in [0, 1] -> normalised at pool resolution, and the scale applied."""
         h, w = image.shape[-2:]
         scale = min(self.cfg.pool_short_side / min(h, w), self.cfg.pool_max_side / max(h, w))
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         x = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
                           antialias=scale < 1)[0]
-        x = self.normalize(x)
-        ph, pw = math.ceil(nh / self.stride) * self.stride, math.ceil(nw / self.stride) * self.stride
-        return F.pad(x, (0, pw - nw, 0, ph - nh)), scale
+        return self.normalize(x), scale
+
+    # Whether images of different sizes may share one padded pass. Convolutions only see the
+    # padding near an image's border; a ViT's attention is global, so every token would.
+    pads_safely = True
 
     def forward(self, images, boxes):
-        # Images of one size share a dense pass; mixed sizes run apart so that padding never
-        # changes an image's features (the same boxes give the same vectors in any batch).
-        out: list[torch.Tensor | None] = [None] * len(images)
+        resized = [self.resize(img) for img in images]
         groups: dict[tuple, list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape), []).append(i)
+        for i, (x, _) in enumerate(resized):
+            groups.setdefault(tuple(x.shape) if not self.pads_safely else (), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
         for idx in groups.values():
-            resized = [self.resize(images[i]) for i in idx]
-            x = torch.stack([r[0] for r in resized])
-            scaled = [boxes[i].to(x.dtype) * r[1] for i, r in zip(idx, resized)]
-            emb = self.pool(x, scaled) if sum(len(b) for b in scaled) else x.new_zeros((0, self.embed_dim()))
+            x = pad_stack([resized[i][0] for i in idx], self.stride)
+            scaled = [boxes[i].to(x.dtype) * resized[i][1] for i in idx]
+            if sum(len(b) for b in scaled):
+                emb = self.pool(x, scaled).float()
+            else:
+                emb = x.new_zeros((0, self.embed_dim())).float()
             for i, e in zip(idx, emb.split([len(b) for b in scaled])):
                 out[i] = e
-        return F.normalize(torch.cat(out).float(), dim=-1) if out else torch.zeros((0, self.embed_dim()))
+        return torch.cat(out)
 
     def pool(self, x: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -156,11 +184,12 @@ class ViTPoolEncoder(_DensePool):
     def __init__(self, visual: VisionTransformer, cfg: RegionConfig):
         super().__init__(visual, cfg)
         if visual.attn_pool is not None or getattr(visual, "final_ln_after_pool", False):
-            raise BadInput("pool mode supports plain CLIP ViTs (no attention pooler): use --mode crop")
+            raise BadInput("pool mode supports plain CLIP ViTs (no attention pooler): use mode crop (--mode crop)")
         if not isinstance(visual.transformer.resblocks[-1].attn, nn.MultiheadAttention):
-            raise BadInput("pool mode needs nn.MultiheadAttention blocks in the ViT: use --mode crop")
+            raise BadInput("pool mode needs nn.MultiheadAttention blocks in the ViT: use mode crop (--mode crop)")
         self.patch = visual.conv1.kernel_size[0]
         self.stride = self.patch
+        self.pads_safely = False
 
     def pos_embed(self, gh: int, gw: int) -> torch.Tensor:
         pos = self.visual.positional_embedding
@@ -215,4 +244,4 @@ def build_region_encoder(visual: nn.Module, mode: str, cfg: RegionConfig) -> Reg
         return ResNetPoolEncoder(visual, cfg)
     if isinstance(visual, VisionTransformer):
         return ViTPoolEncoder(visual, cfg)
-    raise BadInput(f"pool mode supports CLIP ResNets and ViTs, not {type(visual).__name__}: use --mode crop")
+    raise BadInput(f"pool mode supports CLIP ResNets and ViTs, not {type(visual).__name__}: use mode crop (--mode crop)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -11,17 +12,33 @@ import numpy as np
 from .detections import Detections
 from .detector import RegionCLIP
 from .errors import BadImage
-from .io import load_image
+from .io import LoadedImage
 
 
 @dataclass
 class ImageResult:
-    """One input file: its pixels and detections, or the reason it was skipped."""
+    """One input file: its decoded pixels and detections, or the reason it was skipped.
+
+    ``image`` is what was decoded, reduced for very large files (``RegionCLIP.input_max_side``);
+    ``detections`` are in original-image pixels. ``seconds`` is this image's share of its
+    batch's detection time.
+    """
 
     path: Path
     image: np.ndarray | None = None
+    original_size: tuple[int, int] | None = None
     detections: Detections | None = None
     error: str | None = None
+    seconds: float = 0.0
+
+    def for_drawing(self) -> tuple[np.ndarray, Detections]:
+        """``image`` and the detections in its pixels (they differ only for reduced images)."""
+        d = self.detections
+        (h, w), (oh, ow) = self.image.shape[:2], self.original_size
+        if (h, w) == (oh, ow):
+            return self.image, d
+        scale = d.boxes_xyxy.new_tensor([w / ow, h / oh, w / ow, h / oh])
+        return self.image, Detections(d.boxes_xyxy * scale, d.scores, d.label_ids, d.vocabulary)
 
 
 def iter_detect(
@@ -37,16 +54,20 @@ def iter_detect(
     def flush() -> Iterator[ImageResult]:
         good = [r for r in pending if r.error is None]
         if good:
-            dets = model.detect([r.image for r in good], labels, batch_size=batch_size, **detect_kwargs)
+            start = time.perf_counter()
+            dets = model.detect([LoadedImage(r.image, r.original_size) for r in good], labels,
+                                batch_size=batch_size, **detect_kwargs)
+            share = (time.perf_counter() - start) / len(good)
             for r, d in zip(good, dets):
-                r.detections = d.cpu()
+                r.detections, r.seconds = d.cpu(), share
         yield from pending
         pending.clear()
 
     for path in paths:
         result = ImageResult(Path(path))
         try:
-            result.image = load_image(path)
+            (loaded,) = model.load([path])
+            result.image, result.original_size = loaded.pixels, loaded.original_size
         except BadImage as exc:
             result.error = str(exc)
         pending.append(result)

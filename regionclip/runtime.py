@@ -27,7 +27,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise BadInput(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise BadInput(f"device '{spec}' asked for but no CUDA device is visible: use --device cpu")
+            raise BadInput(f"device '{spec}' asked for but no CUDA device is visible: use device 'cpu' (--device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise BadInput(
                 f"device '{spec}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
@@ -44,7 +44,7 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
     if precision == "fp32":
         return contextlib.nullcontext
     if precision == "fp16" and device.type != "cuda":
-        raise BadInput("fp16 needs a CUDA device: use --precision bf16 or fp32 on the CPU")
+        raise BadInput("fp16 needs a CUDA device: use precision 'bf16' or 'fp32' on the CPU (--precision)")
     dtype = PRECISIONS[precision]
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -34,7 +34,7 @@ DETECTORS = {
 }
 DETECTOR_TAGS = {"coco": "COCO_V1"}
 
-_REMEDY = "or use --model demo (the shipped offline model)"
+_REMEDY = "or use the shipped offline model 'demo' (--model demo)"
 _probe_cache: dict[str, bool] = {}
 
 
@@ -54,6 +54,13 @@ class Resolved:
             return f"{self.model}/random/{uuid.uuid4().hex}"
         st = self.path.stat()
         return f"{self.model}/{self.path.name}/{st.st_size}/{int(st.st_mtime)}"
+
+
+def pretrained_cfg(model: str, spec: str) -> dict:
+    """open_clip's metadata for the tag ``spec`` of ``model`` (empty for paths and random init)."""
+    if str(spec).lower() in RANDOM or Path(str(spec)).expanduser().exists():
+        return {}
+    return dict(open_clip.get_pretrained_cfg(model, spec) or {})
 
 
 def host_reachable(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
@@ -133,14 +140,14 @@ def resolve_clip(model: str, pretrained: str, cache_dir: str | None = None) -> R
         why = "HF_HUB_OFFLINE is set" if offline else f"{host} is unreachable"
         raise WeightsUnavailable(
             f"CLIP weights {model}/{pretrained} are not in the cache and {why}: "
-            f"pass --clip-pretrained PATH to a local checkpoint {_REMEDY}"
+            f"pass clip_pretrained=PATH to a local checkpoint (--clip-pretrained PATH) {_REMEDY}"
         )
     try:
         path = open_clip.download_pretrained(cfg, cache_dir=cache_dir)
     except Exception as exc:  # the hub client raises many types; the remedy is the same
         raise WeightsUnavailable(
             f"downloading CLIP weights {model}/{pretrained} failed ({type(exc).__name__}): "
-            f"pass --clip-pretrained PATH {_REMEDY}"
+            f"pass clip_pretrained=PATH (--clip-pretrained PATH) {_REMEDY}"
         ) from None
     return Resolved(model, pretrained, Path(path))
 
@@ -188,14 +195,14 @@ def resolve_detector(model: str, weights: str) -> Resolved:
     if not host_reachable(host):
         raise WeightsUnavailable(
             f"detector weights {model}/{weights} are not in the torch hub cache and {host} is "
-            f"unreachable: pass --detector-weights PATH to a local checkpoint {_REMEDY}"
+            f"unreachable: pass detector_weights=PATH to a local checkpoint (--detector-weights PATH) {_REMEDY}"
         )
     try:
         torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
     except Exception as exc:
         raise WeightsUnavailable(
             f"downloading detector weights {model}/{weights} failed ({type(exc).__name__}): "
-            f"pass --detector-weights PATH {_REMEDY}"
+            f"pass detector_weights=PATH (--detector-weights PATH) {_REMEDY}"
         ) from None
     return Resolved(model, weights, target)
 

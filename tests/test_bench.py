@@ -49,6 +49,27 @@ def test_cached_labels_are_not_encoded_again(models):
     assert r["gflop_per_image"] > 0  # counted on an extra pass when there is no warm-up
 
 
+def test_bench_times_the_models_own_stages(monkeypatch):
+    model = tiny_model("vit", "crop")
+    calls = {"propose": 0, "postprocess": 0}
+    propose, postprocess = model.propose, model.postprocess
+
+    def three_boxes(batch):
+        calls["propose"] += 1
+        boxes, objectness = propose(batch)
+        return [b[:3] for b in boxes], [o[:3] for o in objectness]
+
+    def counted(*args, **kwargs):
+        calls["postprocess"] += 1
+        return postprocess(*args, **kwargs)
+
+    monkeypatch.setattr(model, "propose", three_boxes)
+    monkeypatch.setattr(model, "postprocess", counted)
+    r = run_benchmark(model, batch_size=2, image_size=(64, 96), num_labels=2, iters=2, warmup=1)
+    assert r["boxes_per_image"] == 3  # the figures follow what the model's stage returns
+    assert calls == {"propose": 3, "postprocess": 3}
+
+
 @pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(num_labels=0), dict(iters=0),
                                     dict(warmup=-1), dict(image_size=(8, 64))])
 def test_bad_settings_raise_bad_input(models, kwargs):

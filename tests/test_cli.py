@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -49,9 +50,12 @@ def test_detect_writes_json_and_annotated_images(img_dir, tmp_path, capsys):
     for r in records:
         assert set(r) >= {"bbox", "score", "category_id", "label", "image"}
         assert 0 <= r["score"] <= 1 and r["label"] in ("red circle", "green square")
-    assert sorted(p.name for p in save.iterdir()) == ["a.jpg", "b.jpg"]
+    assert sorted(p.name for p in save.iterdir()) == ["a.jpg", "b.png"]  # PNG stays PNG
     assert cv2.imread(str(save / "a.jpg")).shape == (120, 160, 3)
     assert "detections in 2 image(s)" in out
+    # COCO results: image_id is the position in the input order, category_id the 1-based label position.
+    assert {(r["image"], r["image_id"]) for r in records} == {(str(img_dir / "a.jpg"), 0), (str(img_dir / "b.png"), 1)}
+    assert all(r["category_id"] == ["red circle", "green square"].index(r["label"]) + 1 for r in records)
 
 
 def test_labels_file_and_glob(img_dir, tmp_path, capsys):
@@ -181,3 +185,164 @@ def test_detector_weights_offline_fail_fast(tmp_path):
 def test_help_explains(capsys):
     code, out, _ = run(["detect", "--help"], capsys)
     assert code == 0 and "--labels" in out and "--save-dir" in out and "--clip-pretrained" in out
+
+
+# ---- issue 15: outputs, numbers, save-dir layout, help, start-up ---------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a model (or training, or drawing shapes) starts: the checks must come first."""
+    import regionclip.data.shapes
+    import regionclip.train
+    from regionclip.detector import RegionCLIP
+
+    def built(*args, **kwargs):
+        raise AssertionError("the long work started before the check")
+
+    monkeypatch.setattr(RegionCLIP, "__init__", built)
+    monkeypatch.setattr(regionclip.train, "train", built)
+    monkeypatch.setattr(regionclip.data.shapes, "render_shapes_image", built)
+
+
+def _one_error_line(code, err, expect):
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning")]
+    assert code != 0 and "Traceback" not in err, err
+    assert len(lines) == 1 and expect in lines[0], err
+
+
+@pytest.mark.parametrize("command,expect", [
+    ("detect --json PROC/x.json", "--json /proc/x.json: cannot create files in /proc"),
+    ("detect --json DIR", "--json DIR is a folder"),
+    ("detect --save-dir FILE", "--save-dir FILE is a file, not a folder"),
+    ("detect --save-dir PROC/ann", "--save-dir /proc/ann: cannot create folders in /proc"),
+    ("demo --out FILE", "--out FILE is a file, not a folder"),
+    ("demo --out PROC/demo", "cannot create folders in /proc"),
+    ("train CONFIG --out FILE", "--out FILE is a file, not a folder"),
+    ("make-shapes FILE --train 1 --val 1", "FILE is a file, not a folder"),
+    ("make-shapes PROC/shapes --train 1 --val 1", "cannot create folders in /proc"),
+    ("eval --annotations GT --images IMGS --json DIR", "--json DIR is a folder"),
+    ("eval --annotations GT --images IMGS --results-out PROC/r.json", "--results-out /proc/r.json: cannot create files"),
+    ("bench --json DIR", "--json DIR is a folder"),
+])
+def test_wrong_output_paths_fail_before_the_work(command, expect, img_dir, tmp_path, capsys, no_model):
+    if "PROC" in command and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux /proc")
+    a_file, a_dir = tmp_path / "taken.txt", tmp_path / "taken"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 160, "height": 120}],
+                              "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    config = Path(__file__).resolve().parent.parent / "configs" / "train" / "shapes_demo.yaml"
+    subst = {"PROC": "/proc", "DIR": str(a_dir), "FILE": str(a_file), "GT": str(gt), "IMGS": str(img_dir),
+             "CONFIG": str(config)}
+    argv = [subst.get(w, w) for w in command.split()]
+    argv = [a.replace("PROC/", "/proc/") for a in argv]
+    if argv[0] == "detect":
+        argv[1:1] = [str(img_dir / "a.jpg"), "--labels", "x"]
+    if argv[0] in ("detect", "eval", "bench"):
+        argv += TINY
+    code, out, err = run(argv, capsys)
+    _one_error_line(code, err, expect.replace("DIR", str(a_dir)).replace("FILE", str(a_file)))
+    assert code == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["imgs", "taken.txt", "taken", "gt.json"])  # nothing written
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--batch-size", "0", "--batch-size must be at least 1, but got 0"),
+    ("--score-threshold", "2", "--score-threshold must be in [0, 1], but got 2.0"),
+    ("--nms-iou", "-1", "--nms-iou must be in [0, 1], but got -1.0"),
+    ("--max-detections", "0", "--max-detections must be at least 1, but got 0"),
+    ("--top-k", "0", "--top-k must be at least 1, but got 0"),
+    ("--set", "scoring.score_threshold=1.5", "score_threshold must be in [0, 1], but got 1.5"),
+])
+def test_bad_numbers_fail_before_the_model(flag, value, expect, img_dir, capsys, no_model):
+    code, out, err = run(["detect", str(img_dir), "--labels", "x", *TINY, flag, value], capsys)
+    _one_error_line(code, err, expect)
+    assert code == 2
+
+
+@pytest.mark.parametrize("flag,value,expect", [("--batch-size", "0", "--batch-size must be at least 1"),
+                                                 ("--top-k", "0", "--top-k must be at least 1"),
+                                                 ("--proposals", "boxes", "--proposals must be 'model' or 'gt'")])
+def test_eval_bad_numbers_fail_before_the_model(flag, value, expect, img_dir, tmp_path, capsys, no_model):
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    code, out, err = run(["eval", "--annotations", str(gt), "--images", str(img_dir), *TINY, flag, value], capsys)
+    _one_error_line(code, err, expect)
+
+
+def test_save_dir_keeps_inputs_with_one_name_apart(tmp_path, capsys):
+    for sub, seed in (("x", 0), ("y", 1)):
+        (tmp_path / sub).mkdir()
+        cv2.imwrite(str(tmp_path / sub / "a.jpg"), cv2.cvtColor(shapes_image(60, 80, seed), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(tmp_path / "y" / "b.png"), cv2.cvtColor(shapes_image(60, 80, 2), cv2.COLOR_RGB2BGR))
+    save = tmp_path / "ann"
+    code, out, err = run(["detect", str(tmp_path / "x"), str(tmp_path / "y"), "--labels", "red circle", *TINY,
+                          "--score-threshold", "0", "--save-dir", str(save)], capsys)
+    assert code == 0, err
+    written = sorted(str(p.relative_to(save)) for p in save.rglob("*") if p.is_file())
+    assert written == ["x/a.jpg", "y/a.jpg", "y/b.png"]  # 3 inputs, 3 files
+    assert "x/a.jpg" in out and "y/a.jpg" in out and "ms" in out  # paths users can tell apart, per-image time
+    assert [ln.split()[1] for ln in out.splitlines() if "80x60" in ln] == ["x/a.jpg", "y/a.jpg", "y/b.png"]
+
+
+def test_detect_from_the_inputs_parent_folder_without_save_dir(img_dir, capsys, monkeypatch):
+    monkeypatch.chdir(img_dir.parent)
+    code, out, err = run(["detect", "imgs", "--labels", "x", *TINY, "--score-threshold", "0"], capsys)
+    assert code == 0, err
+
+
+def test_save_dir_on_the_input_folder_is_refused(img_dir, capsys, no_model):
+    code, out, err = run(["detect", str(img_dir), "--labels", "x", *TINY, "--save-dir", str(img_dir)], capsys)
+    _one_error_line(code, err, "would overwrite input")
+
+
+@pytest.mark.parametrize("flag,expected", [([], True), (["--no-agnostic-nms"], False), (["--agnostic-nms"], True)])
+def test_agnostic_nms_flag_reaches_detect(flag, expected, img_dir, capsys, monkeypatch):
+    from regionclip.detector import RegionCLIP
+
+    seen, original = [], RegionCLIP.detect
+
+    def spy(self, *args, **kwargs):
+        dets = original(self, *args, **kwargs)
+        seen.append(kwargs.get("agnostic_nms", self.cfg.scoring.agnostic_nms))
+        return dets
+
+    monkeypatch.setattr(RegionCLIP, "detect", spy)
+    code, out, err = run(["detect", str(img_dir / "a.jpg"), "--labels", "x,y", *TINY, *flag], capsys)
+    assert code == 0, err
+    assert seen == [expected]
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_help_shows_flags_as_flags_and_the_defaults(capsys):
+    code, out, _ = run(["detect", "--help"], capsys)
+    text = _plain(out)
+    assert code == 0 and "<bool>" not in out
+    assert "--agnostic-nms --no-agnostic-nms" in text
+    for default in ("0.05 unless it sets one", "auto unless it sets one", "fp32 unless it sets one",
+                    "crop unless it sets one", "0.5 unless it sets one"):
+        assert default in text, default
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "<bool>" not in out
+
+
+def test_cli_starts_without_importing_torch():
+    """`regionclip --help` was ~5 s, most of it importing torch before parsing."""
+    probe = ("import sys\n"
+             "from regionclip_cli.main import main\n"
+             "for argv in (['--help'], ['detect', '--help'], ['eval', '--help'], ['train', '--help']):\n"
+             "    try:\n"
+             "        main(argv)\n"
+             "    except SystemExit as exc:\n"
+             "        assert exc.code in (0, None), exc.code\n"
+             "heavy = sorted(m for m in ('torch', 'torchvision', 'open_clip', 'cv2', 'pycocotools') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]

@@ -34,7 +34,25 @@ def test_records_are_coco_xywh_with_names():
     rec = make().to_records(image="a.jpg", image_id=7, category_ids={"cat": 17, "dog": 18})
     assert rec[1] == {"bbox": [5.0, 5.0, 10.0, 20.0], "score": 0.5, "category_id": 18,
                       "label": "dog", "image_id": 7, "image": "a.jpg"}
-    assert make().to_records()[0]["category_id"] == 0
+    # Without a mapping: 1-based vocabulary positions, as COCO ids start at 1.
+    assert [r["category_id"] for r in make().to_records()] == [1, 2, 2]
+
+
+def test_records_leave_out_labels_the_mapping_lacks():
+    rec = make().to_records(image_id=3, category_ids={"dog": 5})
+    assert [(r["label"], r["category_id"]) for r in rec] == [("dog", 5), ("dog", 5)]
+    assert make().to_records(category_ids={}) == []
+
+
+def test_records_load_in_pycocotools():
+    from pycocotools.coco import COCO
+
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 3, "file_name": "a.jpg", "width": 40, "height": 40}], "annotations": [],
+                  "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    gt.createIndex()
+    res = gt.loadRes(make().to_records(image="a.jpg", image_id=3))
+    assert sorted(res.anns[i]["category_id"] for i in res.anns) == [1, 2, 2]
 
 
 def test_empty():

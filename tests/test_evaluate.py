@@ -84,7 +84,7 @@ def _results(gt: dict, seed: int = 0) -> list[dict]:
         jitter = rng.normal(0, 0.08, size=4) * [w, h, w, h]
         records.append({"image_id": ann["image_id"], "category_id": cat,
                         "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
-                        "score": float(rng.uniform(0.2, 1.0)), "label": "ignored"})
+                        "score": float(rng.uniform(0.2, 1.0)), "note": "ignored"})  # extra keys are dropped
     for _ in range(15):
         records.append({"image_id": int(rng.integers(1, 6)), "category_id": int(rng.choice([1, 2, 5, 9])),
                         "bbox": [*rng.uniform(0, 400, size=2), *rng.uniform(10, 150, size=2)],

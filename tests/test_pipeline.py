@@ -11,7 +11,7 @@ from conftest import shapes_image, tiny_model
 from regionclip import RegionCLIP
 from regionclip.config import ScoringConfig
 from regionclip.detector import score_regions
-from regionclip.errors import BadInput
+from regionclip.errors import BadConfig, BadInput
 
 LABELS = ["red circle", "green square", "blue triangle"]
 
@@ -91,7 +91,7 @@ def test_crop_pads_outside_the_image_with_the_mean_colour(models):
 
 
 def _scoring(**kw):
-    return dataclasses.replace(ScoringConfig(), **kw)
+    return dataclasses.replace(ScoringConfig(), **{"agnostic_nms": False, **kw})
 
 
 def test_scores_threshold_nms_and_max_detections():
@@ -108,6 +108,22 @@ def test_scores_threshold_nms_and_max_detections():
     assert float(d.scores.min()) >= 0.7 and len(d) == 3  # the 0.4-objectness box falls below
     d = score_regions(emb, text, boxes, obj, _scoring(score_threshold=0.0, max_detections=2), 100.0, ["a", "b", "c"])
     assert len(d) == 2 and torch.all(d.scores[:-1] >= d.scores[1:])
+
+
+def test_agnostic_nms_keeps_one_box_per_object():
+    text = torch.eye(3)
+    # Boxes 0 and 1 overlap (IoU 0.68) with different best labels; box 2 stands apart.
+    emb = F.normalize(torch.tensor([[1.0, 0.2, 0], [0.1, 1.0, 0], [0, 0, 1.0]]), dim=-1)
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60.0]])
+    obj = torch.tensor([0.9, 0.5, 0.9])
+    per_label = score_regions(emb, text, boxes, obj, _scoring(score_threshold=0.0), 100.0, ["a", "b", "c"])
+    assert sorted(per_label.names) == ["a", "b", "c"]
+    agnostic = score_regions(emb, text, boxes, obj, _scoring(score_threshold=0.0, agnostic_nms=True, agnostic_nms_iou=0.5),
+                             100.0, ["a", "b", "c"])
+    assert sorted(agnostic.names) == ["a", "c"]  # the weaker of the overlapping pair goes
+    loose = score_regions(emb, text, boxes, obj, _scoring(score_threshold=0.0, agnostic_nms=True, agnostic_nms_iou=0.7),
+                          100.0, ["a", "b", "c"])
+    assert len(loose) == 3  # IoU 0.68 is under a 0.7 threshold
 
 
 def test_objectness_fusion_is_a_weighted_geometric_mean():
@@ -162,7 +178,37 @@ def test_bad_api_inputs(models):
         model.detect(shapes_image(), LABELS, boxes=torch.zeros(3))
     with pytest.raises(BadInput, match="2 images but 1 box"):
         model.detect([shapes_image(), shapes_image()], LABELS, boxes=[torch.zeros(1, 4)])
+    with pytest.raises(BadConfig, match=r"score_threshold must be in \[0, 1\]"):
+        model.detect(shapes_image(), LABELS, score_threshold=2)
+    with pytest.raises(BadConfig, match="max_detections must be at least 1"):
+        model.detect(shapes_image(), LABELS, max_detections=0)
+    with pytest.raises(BadInput, match="batch_size must be at least 1"):
+        model.detect([shapes_image()], LABELS, batch_size=0)
     with pytest.raises(BadInput, match="unknown region mode"):
         tiny_model(mode="grid")
     with pytest.raises(BadInput, match="unknown device"):
         tiny_model(device="tpu")
+
+
+def test_openai_tags_build_quick_gelu_and_checkpoints_keep_it(tmp_path, monkeypatch):
+    """OpenAI's CLIPs were trained with QuickGELU; open_clip's plain names build GELU unless told."""
+    import open_clip
+
+    import regionclip.weights as W
+
+    assert W.pretrained_cfg("RN50", "openai")["quick_gelu"] and W.pretrained_cfg("ViT-B-16", "openai")["quick_gelu"]
+    assert W.pretrained_cfg("RN50", "none") == {}
+    # A tag that asks for QuickGELU, with no download: random weights under that tag's metadata.
+    monkeypatch.setattr(W, "pretrained_cfg", lambda model, spec: {"quick_gelu": True})
+    monkeypatch.setattr(W, "resolve_clip", lambda model, spec: W.Resolved(model, spec, None))
+    torch.manual_seed(0)
+    model = RegionCLIP(clip_model="test-vit-tiny", clip_pretrained="openai", detector="fasterrcnn_mobilenet_v3_large_320_fpn",
+                       detector_weights="none", device="cpu")
+    assert any(isinstance(m, open_clip.model.QuickGELU) for m in model.clip.modules())
+    model.save(tmp_path / "m.pt")
+    again = RegionCLIP(clip_model="test-vit-tiny", detector="fasterrcnn_mobilenet_v3_large_320_fpn",
+                       checkpoint=str(tmp_path / "m.pt"), device="cpu")
+    assert any(isinstance(m, open_clip.model.QuickGELU) for m in again.clip.modules())
+    img = shapes_image()
+    boxes = torch.tensor([[0.0, 0.0, 80, 60]])
+    torch.testing.assert_close(again.encode_regions(img, boxes), model.encode_regions(img, boxes))

@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 import yaml
 
-from ..errors import BadInput
+from ..errors import BadInput, BadOutput
+from ..outputs import atomic_write_text, check_output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -197,13 +198,17 @@ def make_shapes(
     Returns:
         Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
         ``val_annotations``, ``split``.
+
+    Raises:
+        BadInput: counts or sizes out of range. BadOutput: ``out_dir`` cannot be written,
+            found before anything is drawn.
     """
     lo, hi = int(image_size[0]), int(image_size[1])
     if n_train < 0 or n_val < 0:
         raise BadInput(f"image counts must be >= 0, but got train={n_train} val={n_val}")
     if lo < 64 or hi < lo:
         raise BadInput(f"image_size must be (min, max) with 64 <= min <= max, but got {image_size}")
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "shapes output folder")  # before any image is drawn
     paths = {
         "train_images": out / "train",
         "val_images": out / "val",
@@ -211,9 +216,11 @@ def make_shapes(
         "val_annotations": out / "annotations" / "instances_val.json",
         "split": out / "split.yaml",
     }
-    for key in ("train_images", "val_images"):
-        paths[key].mkdir(parents=True, exist_ok=True)
-    paths["train_annotations"].parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for key in ("train_images", "val_images"):
+            paths[key].mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadOutput(f"cannot create folders in {out} ({exc.strerror or exc})") from None
 
     written = 0
     for split, count in (("train", n_train), ("val", n_val)):
@@ -225,7 +232,7 @@ def make_shapes(
             file_name = f"{i:06d}.jpg"
             target = paths[f"{split}_images"] / file_name
             if not cv2.imwrite(str(target), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]):
-                raise BadInput(f"could not write {target}: check that {out} is writable")
+                raise BadOutput(f"could not write {target}: check that {out} is writable and has space")
             image_id = i + 1
             images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
             for (x1, y1, x2, y2), name in objects:
@@ -246,6 +253,6 @@ def make_shapes(
             "annotations": annotations,
             "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CATEGORIES)],
         }
-        paths[f"{split}_annotations"].write_text(json.dumps(coco, indent=1) + "\n")
-    paths["split"].write_text(yaml.safe_dump(split_dict(), sort_keys=False))
+        atomic_write_text(paths[f"{split}_annotations"], json.dumps(coco, indent=1) + "\n")
+    atomic_write_text(paths["split"], yaml.safe_dump(split_dict(), sort_keys=False))
     return paths

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import box_iou
 
+from ..batch import ImageBatch
 from ..config import dump_config, to_dict
 from ..data import CocoDetection, collate, load_split
 from ..detector import RegionCLIP
@@ -51,42 +52,51 @@ class TrainResult:
 class RegionTextLoss(nn.Module):
     """The trainable graph in one module, so DDP can wrap it: returns a dict of scalar losses."""
 
-    def __init__(self, model: RegionCLIP, cfg: TrainConfig):
+    def __init__(self, model: RegionCLIP, cfg: TrainConfig, world: int):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.world = world
 
-    def forward(self, images, targets, boxes, labels, vocab, text_emb, norm: float) -> dict[str, torch.Tensor]:
-        """``boxes[i]``: (Ni, 4) xyxy pixels of ``images[i]``; ``labels``: (sum Ni,) indices into
-        ``vocab``, ``len(vocab)`` meaning background. ``norm``: the divisor that turns this
-        process's summed cross-entropy into its share of the global mean."""
-        m, run = self.model, self.cfg.train
+    def forward(self, batch: ImageBatch, targets, vocab, text_emb) -> tuple[dict[str, torch.Tensor], int]:
+        """One step's losses over ``batch`` (training targets in its pixels); ``vocab`` indices
+        are the targets' labels, ``len(vocab)`` meaning background. Returns the losses and the
+        number of regions this process trained on."""
+        m, run, lc = self.model, self.cfg.train, self.cfg.loss
         losses = {}
+        # One backbone + RPN pass serves both the proposal losses and the region sampling.
         if run.train_proposals:
-            w = self.cfg.loss.proposal_loss_weight
-            losses = {k: v * w for k, v in m.proposals.losses(images, targets).items()}
+            proposals, det_losses = m.proposals.forward_train(batch.images(), targets)
+            losses = {k: v * lc.proposal_loss_weight for k, v in det_losses.items()}
+        elif lc.positive_samples or lc.background_samples or lc.background_far_samples:
+            with torch.no_grad():
+                proposals = list(zip(*m.propose(batch)))
+        else:
+            proposals = [(t["boxes"].new_zeros((0, 4)), t["boxes"].new_zeros((0,))) for t in targets]
+        boxes, labels = sample_regions(proposals, targets, lc, background=len(vocab))
         if text_emb is None:  # the text tower trains: embed the vocabulary with gradients
             text_emb = m.text.embed(vocab)
-        emb = m.regions(images, boxes)
-        logits = m.clip.logit_scale.exp().clamp(max=100) * emb @ text_emb.float().T
-        logits = torch.cat([logits, logits.new_zeros((len(logits), 1))], dim=1)
+        logits = m.logits(m.embed(batch, boxes), text_emb, background=True,
+                          scale=m.clip.logit_scale.exp().clamp(max=100))
+        # Divide by the global region count so DDP's gradient averaging gives the global mean.
+        norm = max(1.0, _all_mean(float(len(labels)), self.world, batch.device))
         losses["loss_region_text"] = F.cross_entropy(logits, labels, reduction="sum") / norm
-        return losses
+        return losses, len(labels)
 
 
-def sample_regions(model: RegionCLIP, images, targets, lc, background: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The regions one step trains on, as Fast R-CNN samples its RoIs: every GT box with its
-    label; up to ``lc.positive_samples`` proposals per image with IoU >= ``lc.positive_iou`` to a GT
-    box, with that box's label (inference classifies imperfect boxes, not GT ones); up to
-    ``lc.background_samples`` proposals with IoU < ``lc.background_iou`` to every GT box and
-    >= ``lc.background_iou_min`` to some GT box, plus up to ``lc.background_far_samples`` below
-    ``lc.background_iou_min`` with objectness at most ``lc.background_far_max_objectness``, all
-    labelled ``background``. Returns per-image boxes and the (sum N,) labels."""
-    with torch.no_grad():
-        props = model.proposals(images) if lc.positive_samples or lc.background_samples else [
-            (t["boxes"].new_zeros((0, 4)), t["boxes"].new_zeros((0,))) for t in targets]
+def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The regions one step trains on, as Fast R-CNN samples its RoIs, from ``proposals``
+    (per image ``(boxes (K, 4) xyxy, objectness (K,))``, e.g. ``RegionCLIP.propose``'s): every
+    GT box with its label; up to ``lc.positive_samples`` proposals per image with IoU >=
+    ``lc.positive_iou`` to a GT box, with that box's label (inference classifies imperfect
+    boxes, not GT ones); up to ``lc.background_samples`` proposals with IoU < ``lc.background_iou``
+    to every GT box and >= ``lc.background_iou_min`` to some GT box, plus up to
+    ``lc.background_far_samples`` below ``lc.background_iou_min`` with objectness at most
+    ``lc.background_far_max_objectness``, all labelled ``background``. Returns per-image boxes
+    and the (sum N,) labels."""
     boxes, labels = [], []
-    for (p, objectness), t in zip(props, targets):
+    for (p, objectness), t in zip(proposals, targets):
+        p, objectness = p.detach(), objectness.detach()
         big = (p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)
         p = p[big].float()
         sure = objectness[big] > lc.background_far_max_objectness
@@ -109,7 +119,7 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None) -> dict[
     """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own code."""
     model.eval()
     model.text.clear()  # the text tower may have changed since the last cached embeddings
-    report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names)
+    report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names, workers=0)
     return {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
 
 
@@ -152,14 +162,18 @@ def _dist_init(device_spec: str) -> tuple[int, int, str]:
         cuda = resolve_device(device_spec).type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo")
     if world > 1 and resolve_device(device_spec).type == "cuda":
-        device_spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)  # NCCL's own buffers and any bare "cuda" go to this rank's GPU
+        device_spec = f"cuda:{local}"
     return (dist.get_rank() if world > 1 else 0), world, device_spec
 
 
-def _all_mean(x: float, world: int) -> float:
+def _all_mean(x: float, world: int, device: torch.device) -> float:
+    """Mean of ``x`` over the processes. The tensor lives on ``device``: NCCL reduces only
+    CUDA tensors, gloo CPU ones, and each process trains on the device its backend serves."""
     if world == 1:
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / world
 
@@ -201,7 +215,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     params = _set_trainable(model, run)
     optimizer = _optimizer(params, o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup_steps, o.max_steps))
-    loss_module = RegionTextLoss(model, cfg)
+    loss_module = RegionTextLoss(model, cfg, world)
     step_fn = loss_module if world == 1 else DistributedDataParallel(
         loss_module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=run.seed, drop_last=True)
@@ -262,11 +276,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         images = [img.to(device) for img in images]
         targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
 
-        boxes, labels = sample_regions(model, images, targets, lc, background=len(vocab))
-        # Divide by the global region count so DDP's gradient averaging gives the global mean.
-        norm = max(1.0, _all_mean(float(len(labels)), world))
+        batch = ImageBatch.from_tensors(images)
         with autocast():
-            losses = step_fn(images, targets, boxes, labels, vocab, text_emb, norm)
+            losses, _ = step_fn(batch, targets, vocab, text_emb)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,7 +287,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         optimizer.step()
         scheduler.step()
         step, position, seen = step + 1, position + 1, seen + o.batch_size
-        value = _all_mean(float(loss.detach()), world)
+        value = _all_mean(float(loss.detach()), world, device)
         result.losses.append(value)
 
         if step % run.log_every == 0 or step == o.max_steps:
