@@ -1,10 +1,10 @@
 """Images/s of regionclip next to its peers, in one run on one device, with random weights.
 
-Rows: regionclip ViT-B/16 in pool and crop mode (``regionclip.bench.run_benchmark``); the
-naive pipeline (RPN top-N boxes, each cut out and resized to 224 on its own in a Python loop,
-then the stack through CLIP ViT-B/16); OWL-ViT B/16 and OWLv2 B/16 from ``transformers``
-built from their configs (no downloads; skipped with a note when transformers is missing:
-``pip install 'regionclip[peers]'``).
+Rows: regionclip ViT-B/16 in pool and crop mode and the ``fast`` preset
+(``regionclip.bench.run_benchmark``); the naive pipeline (RPN top-N boxes, each cut out and
+resized to 224 on its own in a Python loop, then the stack through CLIP ViT-B/16); OWL-ViT B/16,
+OWL-ViT B/32 and OWLv2 B/16 from ``transformers`` built from their configs (no downloads;
+skipped with a note when transformers is missing: ``pip install 'regionclip[peers]'``).
 
 Every system gets the same synthetic images, the same number of labels with text embedded
 once before timing, the same warm-up and the same precision (autocast, as regionclip runs).
@@ -63,18 +63,18 @@ def naive_pipeline(model: RegionCLIP, images, labels):
     return out
 
 
-def owl_peer(version: int, device, batch_size: int, num_labels: int):
-    """A random OWL-ViT B/16 (768 px) or OWLv2 B/16 (960 px) and a step function, or None without transformers."""
+def owl_peer(version: int, device, batch_size: int, num_labels: int, patch: int = 16):
+    """A random OWL-ViT B/``patch`` (768 px) or OWLv2 B/16 (960 px) and a step function, or None without transformers."""
     try:
         import transformers as T
     except ImportError:
         return None
     if version == 1:
         size = 768
-        model = T.OwlViTForObjectDetection(T.OwlViTConfig(vision_config={"patch_size": 16, "image_size": size}))
+        model = T.OwlViTForObjectDetection(T.OwlViTConfig(vision_config={"patch_size": patch, "image_size": size}))
     else:
         size = 960
-        model = T.Owlv2ForObjectDetection(T.Owlv2Config(vision_config={"patch_size": 16, "image_size": size}))
+        model = T.Owlv2ForObjectDetection(T.Owlv2Config(vision_config={"patch_size": patch, "image_size": size}))
     model.eval().to(device)
     base = model.owlvit if version == 1 else model.owlv2
     with torch.inference_mode():
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--proposals", type=int, default=300, help="proposals per image for the region pipelines")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma-separated rows to skip: pool,crop,naive,owlvit,owlv2")
+    p.add_argument("--skip", default="", help="comma-separated rows to skip: pool,crop,fast,naive,owlvit,owlvit32,owlv2")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = resolve_device(args.device)
@@ -135,6 +135,14 @@ def main() -> None:
         if mode not in skip:
             r = run_benchmark(build(mode), **common)
             rows.append((f"regionclip ViT-B/16 {mode}", r["images_per_s"], region_settings))
+    if "fast" not in skip:
+        fast = RegionCLIP.from_pretrained("fast", clip_pretrained="none", detector_weights="none", device=str(device),
+                                          precision=args.precision)
+        r = run_benchmark(fast, **common)
+        rows.append(("regionclip `fast` preset (ViT-B/32 pool, MobileNetV3-320 RPN)", r["images_per_s"],
+                     f"{fast.cfg.proposals.num_proposals} proposals, {size[0]}x{size[1]}, "
+                     f"pool short side {fast.cfg.regions.pool_short_side}"))
+        del fast
     if "naive" not in skip:
         model = build("crop")
         with torch.inference_mode(), autocast():
@@ -142,18 +150,18 @@ def main() -> None:
                                      args.iters, args.warmup)
         rows.append(("naive RPN -> per-crop resize -> ViT-B/16", rate, region_settings + ", crops 224"))
         del model
-    for version, name in ((1, "owlvit"), (2, "owlv2")):
+    for version, name, patch in ((1, "owlvit", 16), (1, "owlvit32", 32), (2, "owlv2", 16)):
         if name in skip:
             continue
-        peer = owl_peer(version, device, args.batch_size, args.labels)
+        peer = owl_peer(version, device, args.batch_size, args.labels, patch)
         if peer is None:
             print(f"note: transformers is not installed, skipping {name} (pip install 'regionclip[peers]')")
             continue
         model, step, side = peer
         with torch.inference_mode(), autocast():
             rate = time_images_per_s(lambda: step(images), args.batch_size, device, args.iters, args.warmup)
-        label = "OWL-ViT B/16" if version == 1 else "OWLv2 B/16"
-        rows.append((label, rate, f"{side}x{side} padded square, {(side // 16) ** 2} boxes"))
+        label = f"OWL-ViT B/{patch}" if version == 1 else f"OWLv2 B/{patch}"
+        rows.append((label, rate, f"{side}x{side} padded square, {(side // patch) ** 2} boxes"))
         del model
 
     print(f"\nDevice: {device_name(device)}; batch {args.batch_size}, {args.precision}, {args.labels} labels "

@@ -27,9 +27,9 @@ class _Images(Dataset):
     """The images of a COCO file, decoded at the model's resolution (in DataLoader workers, so
     decoding overlaps inference). An unreadable file yields its error instead of pixels."""
 
-    def __init__(self, coco, images_dir: Path, max_side: int | None):
+    def __init__(self, coco, images_dir: Path, max_side: int | None, ids: Sequence[int]):
         self.coco, self.images_dir, self.max_side = coco, images_dir, max_side
-        self.ids = sorted(coco.imgs)
+        self.ids = list(ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,9 +46,19 @@ def _as_list(items: list) -> list:
     return items
 
 
-def _batches(coco, images_dir: Path, model: RegionCLIP, batch_size: int, workers: int, skipped: list[str]):
+def _shard(ids: list[int], batch_size: int, shard: tuple[int, int]) -> list[int]:
+    """Process ``rank``'s share of ``ids`` in whole batches (every ``world``-th), so each batch,
+    and with it its padding, is the one a single process would run."""
+    rank, world = shard
+    chunks = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    return [i for chunk in chunks[rank::world] for i in chunk]
+
+
+def _batches(coco, images_dir: Path, model: RegionCLIP, batch_size: int, workers: int, skipped: list[str],
+             shard: tuple[int, int] = (0, 1)):
     """Yield lists of (image id, LoadedImage); unreadable or missing files go to ``skipped``."""
-    loader = DataLoader(_Images(coco, images_dir, model.input_max_side), batch_size=batch_size,
+    ids = _shard(sorted(coco.imgs), batch_size, shard)
+    loader = DataLoader(_Images(coco, images_dir, model.input_max_side, ids), batch_size=batch_size,
                         num_workers=workers, collate_fn=_as_list, pin_memory=model.device.type == "cuda")
     for items in loader:
         skipped += [error for _, _, error in items if error is not None]
@@ -83,6 +93,8 @@ def evaluate_model(
     batch_size: int = 8,
     workers: int = 2,
     progress: Progress | None = None,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[object], list] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run ``model`` over every image of ``coco`` (a pycocotools COCO) and score it.
 
@@ -90,6 +102,8 @@ def evaluate_model(
     ``proposals="gt"`` also ``accuracy``) and the settings; ``records`` are the COCO results.
     Missing or unreadable images are skipped and counted in ``report["images_skipped"]``.
     ``workers`` DataLoader processes decode images while the model runs (0: in this process).
+    ``shard=(rank, world)`` runs every ``world``-th batch from ``rank``; ``gather`` (e.g. an
+    ``all_gather_object``) then collects every process's part, and all score the whole set.
     """
     if proposals not in ("model", "gt"):
         raise BadInput(f"unknown proposals '{proposals}': use model or gt")
@@ -112,7 +126,7 @@ def evaluate_model(
             raise BadInput(f"the GT-box protocol (proposals 'gt') classifies over the file's categories; "
                            f"the vocabulary lacks {missing[0]!r}")
         category_ids = [ids[n] for n in labels]
-    for batch in _batches(coco, images_dir, model, batch_size, workers, skipped):
+    for batch in _batches(coco, images_dir, model, batch_size, workers, skipped, shard):
         pixels = [loaded for _, loaded in batch]
         if proposals == "model":
             # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
@@ -131,6 +145,13 @@ def evaluate_model(
         if progress:
             progress(len(batch))
     seconds = time.perf_counter() - start
+    if gather is not None:
+        parts = gather((records, scores, ann_ids, images, skipped))
+        records = [r for part in parts for r in part[0]]
+        scores = {k: v for part in parts for k, v in part[1].items()}
+        ann_ids = {k: v for part in parts for k, v in part[2].items()}
+        images = sum(part[3] for part in parts)
+        skipped = [m for part in parts for m in part[4]]
     if images == 0:
         raise BadImage(f"none of the {len(coco.imgs)} images could be read from {images_dir} ({skipped[0] if skipped else 'no images'})")
     report: dict = {}

@@ -236,14 +236,16 @@ class TextEncoder:
         return ensemble(feats.view(len(labels), len(self.templates), -1))
 
     def _encode_short(self, clip: nn.Module, prompts: list[str]) -> torch.Tensor:
-        """(P, D) features in prompt order. Batches hold one template's prompts sorted by token
-        length, so each is cut to a near-common length and shares its template's prefix."""
+        """(P, D) features in prompt order. A batch holds prompts of one template only (so it
+        shares the template's prefix), sorted by token length (so it is cut to a near-common
+        length); a template's prompts split into equal batches of at most ``chunk_size``."""
         tokens = self.tokenizer(prompts)  # stays on the CPU: the bookkeeping needs no host sync
-        lengths = context_lengths(clip, tokens)
-        template = torch.arange(len(prompts)) % len(self.templates)  # prompts are label-major
-        order = torch.argsort(template * (int(lengths.max()) + 1) + lengths, stable=True)
-        feats = torch.cat([encode_text_truncated(clip, tokens[idx]) for idx in order.split(self.chunk_size)])
-        return feats[torch.argsort(order).to(feats.device)]
+        lengths = context_lengths(clip, tokens).view(-1, len(self.templates))  # prompts are label-major
+        order = torch.argsort(lengths.T, dim=1, stable=True) * len(self.templates)
+        order += torch.arange(len(self.templates))[:, None]  # (T, L): prompt indices, a template a row
+        batches = [idx for row in order for idx in row.tensor_split(-(-len(row) // self.chunk_size))]
+        feats = torch.cat([encode_text_truncated(clip, tokens[idx]) for idx in batches])
+        return feats[torch.argsort(torch.cat(batches)).to(feats.device)]
 
     def __call__(self, labels: Sequence[str]) -> torch.Tensor:
         """(L, D) unit-norm fp32 embeddings on the encoder's device, from the cache when possible."""

@@ -115,11 +115,21 @@ def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.
     return boxes, torch.cat(labels)
 
 
-def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None) -> dict[str, float | None]:
-    """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own code."""
+def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
+             world: int = 1, batch_size: int = 8) -> dict[str, float | None]:
+    """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own
+    code. With ``world`` > 1 every process runs its share of the batches and the detections are
+    gathered before scoring; every process gets the same figures as one process would."""
     model.eval()
     model.text.clear()  # the text tower may have changed since the last cached embeddings
-    report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names, workers=0)
+    gather = None
+    if world > 1:
+        def gather(part):
+            parts = [None] * world
+            dist.all_gather_object(parts, part)
+            return parts
+    report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names,
+                               batch_size=batch_size, workers=0, shard=(rank, world), gather=gather)
     return {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
 
 
@@ -212,6 +222,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     device = model.device
     precision = run.precision if run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = autocast_for(precision, device)
+    # fp16's narrow range needs loss scaling; bf16 and fp32 run with the scaler disabled.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = _set_trainable(model, run)
     optimizer = _optimizer(params, o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup_steps, o.max_steps))
@@ -231,14 +243,28 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, position, best = ckpt["step"], ckpt["epoch"], ckpt["position"], ckpt.get("best")
-        set_rng_state(ckpt["rng"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        # Each process continues its own random stream (flips, sampled regions); checkpoints
+        # from another world size fall back to rank 0's.
+        rng_ranks = ckpt.get("rng_per_rank") or []
+        set_rng_state(rng_ranks[rank] if len(rng_ranks) == world else ckpt["rng"])
+        if step >= o.max_steps and (out / "model.pt").is_file():
+            return TrainResult(step=step, model=model, out_dir=out)  # finished: nothing to redo
     if rank == 0:
         dump_config(cfg, out / "config.yaml")
 
     def checkpoint(name: str) -> None:
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "position": position,
-                     "best": best, "rng": rng_state(), "config": to_dict(cfg)}, out / name)
+        """Every process calls this (its RNG state is gathered); rank 0 writes."""
+        states = [rng_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, rng_state())
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                         "epoch": epoch, "position": position, "best": best, "rng": states[0],
+                         "rng_per_rank": states, "config": to_dict(cfg)}, out / name)
 
     def log(record: dict) -> None:
         with open(out / "metrics.jsonl", "a") as f:
@@ -246,20 +272,20 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
 
     def validate() -> None:
         nonlocal best
-        if rank == 0 and val is not None:
-            with autocast():
-                ap = evaluate(model, val, split)
-            _set_trainable(model, run)  # back to training modes
-            key = "base" if "base" in ap else "overall"
+        if val is None:
+            return
+        with autocast():
+            ap = evaluate(model, val, split, rank, world)  # sharded: every process takes part
+        _set_trainable(model, run)  # back to training modes
+        key = "base" if "base" in ap else "overall"
+        result.evals.append({"step": step, **ap})
+        if rank == 0:
             log({"step": step, "val_AP50": ap})
-            result.evals.append({"step": step, **ap})
             if progress:
                 progress({"step": step, "eval": ap})
-            if ap[key] is not None and (best is None or ap[key] > best):
-                best = ap[key]
-                checkpoint("best.pt")
-        if world > 1:
-            dist.barrier()
+        if ap[key] is not None and (best is None or ap[key] > best):
+            best = ap[key]
+            checkpoint("best.pt")
 
     text_emb = None
     if not run.train_text_tower:
@@ -281,10 +307,12 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
             losses, _ = step_fn(batch, targets, vocab, text_emb)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # fp16: the loss is scaled so small gradients survive
         if o.grad_clip:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step when a scaled gradient overflowed
+        scaler.update()
         scheduler.step()
         step, position, seen = step + 1, position + 1, seen + o.batch_size
         value = _all_mean(float(loss.detach()), world, device)
@@ -303,7 +331,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
                       "lr": scheduler.get_last_lr()[0], "img_per_s": rate})
         if run.eval_every and step % run.eval_every == 0 and step < o.max_steps:
             validate()
-        if rank == 0 and (step % run.ckpt_every == 0 or step == o.max_steps):
+        if step % run.ckpt_every == 0 or step == o.max_steps:
             checkpoint("last.pt")
 
     validate()
@@ -315,6 +343,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         preset = to_dict(model.cfg)
         preset["checkpoint"] = str((out / "model.pt").resolve())
         preset["device"] = "auto"
+        # Score with the temperature training learned (the checkpoint's logit_scale), as training did.
+        preset["scoring"]["logit_scale"] = None
         out.joinpath("preset.yaml").write_text(
             "# Written by regionclip train: use with `regionclip detect --model THIS_FILE`.\n"
             + yaml.safe_dump(preset, sort_keys=False))
