@@ -79,6 +79,11 @@ class RegionCLIP(nn.Module):
             cache_dir=cfg.text.cache_dir,
         )
         self.eval().to(self.device)
+        if self.device.type == "cuda":
+            # Convolutions run fastest in NHWC on tensor cores; transformers are unaffected.
+            self.proposals.detector.backbone.to(memory_format=torch.channels_last)
+            if not hasattr(self.clip.visual, "transformer"):
+                self.clip.visual.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------------------- building
     @staticmethod

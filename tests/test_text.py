@@ -99,7 +99,7 @@ def test_encoder_short_equals_full_in_order(name):
     handle.remove()
     torch.testing.assert_close(short, full, atol=1e-5, rtol=0)
     torch.testing.assert_close(reversed_short, full.flip(0), atol=1e-5, rtol=0)
-    assert min(seen) < 10 and max(seen) == 77, f"blocks saw sequence lengths {seen}"
+    assert min(seen) < 10 and max(seen) < 77, f"blocks saw sequence lengths {seen}"
     assert short_enc.prompts_encoded == 2 * len(LABELS) * len(TEMPLATES)
 
 

@@ -211,6 +211,22 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
     torch.distributed.destroy_process_group()
 
 
+def _run_two_ranks(worker, port: int, cfg: TrainConfig, tmp_path) -> None:
+    """Run ``worker(rank, 2, port, cfg, tmp_path)`` in two processes and wait for both."""
+    # Forked workers skip the fresh interpreter's imports (seconds each on a loaded machine); they
+    # set one torch thread before any work, so the parent's OpenMP pool is never used after fork.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    workers = mp.start_processes(worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=False,
+                                 start_method=method)
+    for _ in range(120):  # a hang guard, not a speed check: a deadlocked run fails after 10 minutes
+        if workers.join(timeout=5):
+            break
+    else:
+        for process in workers.processes:
+            process.kill()
+        pytest.fail("DDP workers still running after 10 minutes")
+
+
 def test_ddp_two_processes_match_single(tiny_shapes, tmp_path):
     """Two gloo processes of 2 images each give the single process's losses over 4 images."""
     # Same global batch of 4 either way; what differs per process (flips, sampled proposals,
@@ -222,18 +238,7 @@ def test_ddp_two_processes_match_single(tiny_shapes, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = tiny_config(tiny_shapes, tmp_path / "ddp", **sections)
-    # Forked workers skip the fresh interpreter's imports (seconds each on a loaded machine); they
-    # set one torch thread before any work, so the parent's OpenMP pool is never used after fork.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    workers = mp.start_processes(_ddp_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=False,
-                                 start_method=method)
-    for _ in range(120):  # a hang guard, not a speed check: a deadlocked run fails after 10 minutes
-        if workers.join(timeout=5):
-            break
-    else:
-        for process in workers.processes:
-            process.kill()
-        pytest.fail("DDP workers still running after 10 minutes")
+    _run_two_ranks(_ddp_worker, port, cfg, tmp_path)
     for rank in range(2):
         losses = torch.load(tmp_path / f"losses{rank}.pt")
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
@@ -323,18 +328,32 @@ def test_ddp_sharded_validation_and_per_rank_resume(tiny_shapes, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    workers = mp.start_processes(_ddp_resume_and_eval_worker, args=(2, port, cfg, str(tmp_path)), nprocs=2,
-                                 join=False, start_method=method)
-    for _ in range(120):  # a hang guard, not a speed check
-        if workers.join(timeout=5):
-            break
-    else:
-        for process in workers.processes:
-            process.kill()
-        pytest.fail("DDP workers still running after 10 minutes")
+    _run_two_ranks(_ddp_resume_and_eval_worker, port, cfg, tmp_path)
     for rank in range(2):
         assert torch.load(tmp_path / f"ap{rank}.pt") == single
         run = torch.load(tmp_path / f"run{rank}.pt")
         assert len(run["full"]) == 4 and run["resumed"] == run["full"][2:]
         assert run["same_weights"]
+
+
+def test_frozen_parts_and_batchnorm_stay_bit_identical(tiny_shapes, tmp_path):
+    """Frozen prefixes and (by default) every BatchNorm keep parameters AND running statistics,
+    through the training steps and the no-grad proposal pass alike; the rest trains."""
+    cfg = tiny_config(tiny_shapes, tmp_path / "frozen", optim={"max_steps": 3, "warmup_steps": 1})
+    register_clip_config("train-vit-tiny", TINY_CLIP)
+    torch.manual_seed(cfg.train.seed)
+    before = state_of(RegionCLIP(config=cfg.model))
+    after = state_of(train(cfg).model)
+    bn = [n.rsplit(".", 1)[0] for n in before if n.endswith("running_mean")]
+    assert bn, "the detector has BatchNorm layers"
+    frozen = [k for k in before if k.startswith("proposals.detector.backbone.body")
+              or any(k.startswith(m + ".") for m in bn)]
+    assert any(k.endswith("running_var") for k in frozen)
+    for key in frozen:
+        assert torch.equal(before[key], after[key]), f"{key} changed"
+    assert not torch.equal(before["clip.text_projection"], after["clip.text_projection"])
+    # With freeze_bn off, BatchNorm outside the frozen prefixes learns its statistics.
+    cfg = tiny_config(tiny_shapes, tmp_path / "bn", optim={"max_steps": 3, "warmup_steps": 1},
+                      train={"freeze": [], "freeze_bn": False})
+    after = state_of(train(cfg).model)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("running_mean"))

@@ -69,6 +69,11 @@ class RunConfig:
     # Parameter-name prefixes kept frozen on top of the switches above, e.g.
     # "proposals.detector.backbone.body": MobileNet's depthwise-conv backward is ~10x its forward on CPU.
     freeze: list[str] = field(default_factory=list)
+    # BatchNorm layers keep their statistics and affine weights (FrozenBatchNorm2d's semantics),
+    # as RegionCLIP and torchvision train pretrained detectors: batches of a few images per GPU
+    # give poor statistics. BN under a `freeze` prefix or in a part that does not train is always
+    # frozen. Set false only when training BN from scratch (configs/train/shapes_demo.yaml).
+    freeze_bn: bool = True
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
     ckpt_every: int = 200  # steps between last.pt writes (and always at the end)

@@ -143,8 +143,17 @@ def _set_trainable(model: RegionCLIP, run) -> list[nn.Parameter]:
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in run.freeze):
             p.requires_grad_(False)
-    model.clip.train(run.train_image_tower or run.train_text_tower)
+    model.clip.train(run.train_text_tower)
+    model.clip.visual.train(run.train_image_tower)  # its BN must not drift when only text trains
     model.proposals.train(run.train_proposals)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            frozen = any(name.startswith(prefix) for prefix in run.freeze)
+            if run.freeze_bn or frozen:
+                # FrozenBatchNorm2d's semantics in place: running statistics and affine fixed.
+                m.eval()
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
