@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import open_clip
 import pytest
 import torch
@@ -91,8 +93,10 @@ def test_truncated_equals_full_context(name, share_prefix):
 def test_encoder_short_equals_full_in_order(name):
     model = clip_model(name)
     with torch.no_grad():
-        full = encoder(model, short=False).embed(LABELS)
         seen, handle = record_lengths(model)
+        full = encoder(model, short=False).embed(LABELS)
+        assert set(seen) == {77}, "short_context=False must keep the full context"
+        seen.clear()
         short_enc = encoder(model, short=True)
         short = short_enc.embed(LABELS)
         reversed_short = short_enc.embed(LABELS[::-1])
@@ -153,7 +157,12 @@ def test_other_encode_fn_keeps_full_context():
     other.__class__ = Doubled
     overridden = TextEncoder(other.encode_text, TOKENIZER, ["a {}"], "test", CPU)
     assert not supports_short_context(other) and not supports_short_context(None)
-    for enc, m in ((wrapped, model), (overridden, other)):
+    # A method bound to a supported model, but not its encode_text.
+    def doubled(self, text):
+        return open_clip.model.CLIP.encode_text(self, text) * 2
+
+    bound = TextEncoder(types.MethodType(doubled, model), TOKENIZER, ["a {}"], "test", CPU)
+    for enc, m in ((wrapped, model), (overridden, other), (bound, model)):
         seen, handle = record_lengths(m)
         with torch.no_grad():
             enc.embed(LABELS[:2])
