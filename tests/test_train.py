@@ -357,3 +357,20 @@ def test_frozen_parts_and_batchnorm_stay_bit_identical(tiny_shapes, tmp_path):
                       train={"freeze": [], "freeze_bn": False})
     after = state_of(train(cfg).model)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("running_mean"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA device (runtime.autocast_for)")
+def test_fp16_trains_with_a_grad_scaler(tiny_shapes, tmp_path):
+    cfg = tiny_config(tiny_shapes, tmp_path / "fp16", optim={"max_steps": 3, "warmup_steps": 1},
+                      train={"precision": "fp16"})
+    cfg.model.device = "cuda"
+    result = train(cfg)
+    scaler = load_checkpoint(tmp_path / "fp16" / "last.pt")["scaler"]
+    assert scaler["scale"] > 0 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_checkpoints_carry_the_loss_scaler_state(tiny_shapes, tmp_path):
+    """fp32/bf16 runs save the (disabled) scaler too, so every checkpoint resumes the same way."""
+    train(tiny_config(tiny_shapes, tmp_path / "s", optim={"max_steps": 1, "warmup_steps": 1}))
+    assert "scaler" in load_checkpoint(tmp_path / "s" / "last.pt")
