@@ -52,6 +52,7 @@ def detect(
     top_k: O.TopK = None,
     agnostic_nms: O.AgnosticNms = None,
     batch_size: O.BatchSize = 8,
+    text_embeddings: O.TextEmbeddings = None,
     flags: O.ModelFlags = None,
 ) -> None:
     """Detect objects named by --labels in images; print a table, optionally write JSON and annotated images.
@@ -77,12 +78,13 @@ def detect(
         raise BadImage("no images to process: " + "; ".join(problems))
     targets = annotated_paths(paths, save_dir) if save_dir is not None else None
     vocab, image_ids, category_ids = _ids(annotations, paths, vocab)
+    emb = O.read_text_embeddings(text_embeddings, vocab)
     cfg = O.resolve_config(flags)
     check_scoring(dataclasses.replace(cfg.scoring, **scoring))  # the preset's and --set scoring.* values too
     for p in problems:
         warn(p)
-    records, failed = _run(O.build_model(cfg), paths, vocab, batch_size, scoring, image_ids, category_ids, targets,
-                           relative_paths(paths)[1])
+    records, failed = _run(O.build_model(cfg), paths, vocab, batch_size, {**scoring, "text_embeddings": emb},
+                           image_ids, category_ids, targets, relative_paths(paths)[1])
     console.print(f"{len(records)} detections in {len(paths) - failed} image(s)")
     if json_out is not None:
         atomic_write_text(json_out, dumps_records(records))
@@ -114,7 +116,7 @@ def _ids(annotations: Path | None, paths: list[Path], vocab: list[str]) -> tuple
     return vocab, image_ids, category_ids
 
 
-def _run(net, paths, vocab, batch_size, scoring, image_ids, category_ids, targets, shown):
+def _run(net, paths, vocab, batch_size, detect_kwargs, image_ids, category_ids, targets, shown):
     """Detect; print the detections and a per-image table. Returns (records, failed images)."""
     from regionclip.runner import iter_detect
     from regionclip.visualize import save_annotated
@@ -124,7 +126,7 @@ def _run(net, paths, vocab, batch_size, scoring, image_ids, category_ids, target
     per_image = Table("image", "size", "detections", "ms (batch mean)")
     with progress(transient=True) as bar:
         task = bar.add_task("detecting", total=len(paths))
-        for i, r in enumerate(iter_detect(net, paths, vocab, batch_size, **scoring)):
+        for i, r in enumerate(iter_detect(net, paths, vocab, batch_size, **detect_kwargs)):
             bar.advance(task)
             if r.error:
                 warn(r.error)

@@ -56,6 +56,7 @@ def eval_(
     proposals: Annotated[str, typer.Option(help="'model' (detect) or 'gt' (classify ground-truth boxes).")] = "model",
     top_k: Annotated[int, typer.Option(help="Labels kept per box for mAP, at least 1.")] = 3,
     batch_size: O.BatchSize = 8,
+    text_embeddings: O.TextEmbeddings = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.", show_default=False)] = None,
     results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.", show_default=False)] = None,
     flags: O.ModelFlags = None,
@@ -81,9 +82,12 @@ def eval_(
     if parts is not None:
         check_split(gt, parts, vocab if results is None else None)
     if results is not None:
+        if text_embeddings is not None:
+            raise BadInput("--text-embeddings is for running a model (--images), not for scoring --results")
         report = _score_file(gt, results, parts)
     else:
-        report, records = _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags)
+        emb = _text_embeddings(gt, vocab, text_embeddings)
+        report, records = _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags, emb)
         if results_out is not None:
             atomic_write_json(results_out, records, indent=None)
     render(report)
@@ -99,6 +103,15 @@ def _vocabulary(vocabulary: str | None) -> list[str] | None:
     return [s.strip() for s in (p.read_text().splitlines() if p.is_file() else vocabulary.split(",")) if s.strip()]
 
 
+def _text_embeddings(gt, vocab: list[str] | None, path: Path | None):
+    """--text-embeddings checked against the vocabulary the run will use (its count), before any model."""
+    if path is None:
+        return None
+    from regionclip.eval_dataset import vocabulary_for
+
+    return O.read_text_embeddings(path, vocabulary_for(gt, vocab)[0])
+
+
 def _score_file(gt, results: Path, parts) -> dict:
     from regionclip.eval_dataset import evaluate_results
 
@@ -111,7 +124,7 @@ def _score_file(gt, results: Path, parts) -> dict:
     return evaluate_results(gt, records, parts)
 
 
-def _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags) -> tuple[dict, list[dict]]:
+def _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags, emb) -> tuple[dict, list[dict]]:
     from regionclip.eval_dataset import evaluate_model
 
     if images is None:
@@ -122,4 +135,4 @@ def _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags) ->
     with progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=len(gt.imgs))
         return evaluate_model(net, gt, images, split=parts, vocabulary=vocab, proposals=proposals, top_k=top_k,
-                              batch_size=batch_size, progress=lambda n: bar.advance(task, n))
+                              batch_size=batch_size, text_embeddings=emb, progress=lambda n: bar.advance(task, n))

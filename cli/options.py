@@ -55,7 +55,8 @@ class Group(TyperGroup):
         return option
 
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Preset in configs/models/ (demo, vitb16, rn50) or a model YAML path.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Preset in configs/models/ (demo, vitb16, rn50, fast, "
+                                                          "regionclip-rn50-coco, ...) or a model YAML path.")]
 ClipModel = Annotated[Optional[str], typer.Option(help=f"open_clip architecture, e.g. ViT-B-16, RN50 ({PRESET}).", show_default=False)]
 ClipPretrained = Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai, laion2b_...), a local checkpoint path, "
                                                             f"or 'none' for random weights ({PRESET}).", show_default=False)]
@@ -88,6 +89,9 @@ AgnosticNms = Annotated[Optional[bool], typer.Option(
     help="Also suppress overlapping boxes across labels, so one object gets one box "
          f"{_preset_default('on' if ScoringConfig.agnostic_nms else 'off')}.", show_default=False)]
 BatchSize = Annotated[int, typer.Option(help="Images per batch, at least 1.")]
+TextEmbeddings = Annotated[Optional[Path], typer.Option(help=(
+    "Label embeddings from a file instead of the text tower: a RegionCLIP concept-embedding file such as "
+    "coco_65_cls_emb.pth, an (N, D) tensor with one row per label, in the labels' order."), show_default=False)]
 
 DEFAULT_MODEL = "vitb16"
 
@@ -165,6 +169,16 @@ def check_positive(flag: str, value: int) -> int:
     if value < 1:
         raise BadInput(f"{flag} must be at least 1, but got {value}")
     return value
+
+
+def read_text_embeddings(path: Path | None, labels: Sequence[str]):
+    """``--text-embeddings``: the file's rows, checked against the labels' count (before a model is
+    built; the dimension is checked against the model's). None when not given."""
+    if path is None:
+        return None
+    from regionclip.zoo import concept_vocabulary
+
+    return concept_vocabulary(path, labels)
 
 
 def resolve_config(flags: ModelFlags, extra_sets: Sequence[str] = ()) -> ModelConfig:

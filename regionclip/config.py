@@ -58,11 +58,19 @@ class RegionConfig:
     pool_short_side: int = 800  # dense-pass resolution in pool mode
     pool_max_side: int = 1333
     pool_variant: str = "regionclip"  # ResNet pool: regionclip (layer4 per region) | fast (layer4 once)
+    # Move each proposal by the model's box head (class-agnostic deltas read from the raw region
+    # feature; regionclip/box_head.py). Needs a checkpoint that holds one (RegionCLIP's fine-tuned
+    # detectors do); given boxes are never moved.
+    box_refinement: bool = False
 
 
 @dataclass
 class TextConfig:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    # How template embeddings become one label embedding. normalized: normalise each, average,
+    # renormalise (CLIP's zero-shot recipe). regionclip: average the raw features, then normalise,
+    # with RegionCLIP's name clean-up (',' dropped, '+' read as ' '), as its concept files were made.
+    ensemble: str = "normalized"
     chunk_size: int = 512  # prompts per text-tower batch; bounds memory for long vocabularies
     cache_dir: str | None = None  # on-disk embedding cache; None keeps the cache in memory only
 
@@ -80,6 +88,17 @@ class ScoringConfig:
     agnostic_nms_iou: float = 0.7
     max_detections: int = 100
     top_k: int = 1  # labels kept per box; mAP evaluation wants more than one
+    # default: the steps above. regionclip: RegionCLIP's test-time inference (fast_rcnn.py): softmax
+    # with the background column, sqrt(p * raw RPN logit) when objectness_weight is 0.5, every
+    # (box, label) pair scoring above score_threshold (top_k and the agnostic NMS unused), per-label
+    # NMS, max_detections. Needs background: true.
+    recipe: str = "default"
+    # Gaussian soft-NMS (sigma 0.5, pruned below 0.001: RegionCLIP's settings) instead of per-label
+    # NMS; RegionCLIP evaluates its fine-tuned detectors with it. regionclip recipe only.
+    soft_nms: bool = False
+
+
+RECIPES = ("default", "regionclip")
 
 
 def check_scoring(cfg: ScoringConfig) -> ScoringConfig:
@@ -97,6 +116,16 @@ def check_scoring(cfg: ScoringConfig) -> ScoringConfig:
             raise BadConfig(f"{name} must be at least 1, but got {getattr(cfg, name)}")
     if cfg.logit_scale is not None and not float(cfg.logit_scale) > 0:
         raise BadConfig(f"logit_scale must be positive (or null for the learned one), but got {cfg.logit_scale}")
+    if cfg.recipe not in RECIPES:
+        raise BadConfig(f"unknown scoring recipe '{cfg.recipe}': use {' or '.join(RECIPES)}")
+    if cfg.recipe == "regionclip":
+        if not cfg.background:
+            raise BadConfig("the regionclip recipe scores a background class: set scoring.background=true")
+        if float(cfg.objectness_weight) not in (0.0, 0.5):
+            raise BadConfig("the regionclip recipe multiplies by the RPN logit or not: objectness_weight must be "
+                            f"0.5 (RegionCLIP's MULTIPLY_RPN_SCORE) or 0, but got {cfg.objectness_weight}")
+    elif cfg.soft_nms:
+        raise BadConfig("soft_nms is part of the regionclip recipe: set scoring.recipe=regionclip or soft_nms=false")
     return cfg
 
 

@@ -1,15 +1,15 @@
 """``RegionCLIP``: proposals -> region embeddings -> text matching -> ``Detections``.
 
 The composition root. It owns the device and precision and runs four stages over one padded
-``ImageBatch``: ``propose`` -> ``embed`` -> ``logits`` -> ``postprocess``. ``detect``, ``eval``,
+``ImageBatch``: ``propose`` -> ``embed`` -> ``logits`` -> ``postprocess``, plus ``refine`` (box
+refinement) between ``embed`` and ``logits`` when the model has a box head. ``detect``, ``eval``,
 ``bench`` and training call exactly these; each stage's work lives in a module of its own
-(``proposals``, ``regions``, ``text``, ``scoring``).
+(``proposals``, ``regions``, ``box_head``, ``text``, ``scoring``; building in ``build``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,20 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import clip_boxes_to_image
 
-from . import weights as W
+from . import zoo
 from .batch import ImageBatch, aspect_groups
+from .box_head import BoxRefiner
+from .build import CHECKPOINT_FORMAT, load_parts, uses_quick_gelu
 from .config import (ModelConfig, ScoringConfig, check_scoring, from_dict, list_model_presets, load_config,
                      model_preset_path, to_dict)
 from .detections import Detections
 from .errors import BadConfig, BadInput, WeightsUnavailable
 from .io import ImageSource, LoadedImage, load_reduced
-from .proposals import HEAD_PREFIXES, ProposalStage, build_detector
+from .proposals import HEAD_PREFIXES, ProposalStage
 from .regions import build_region_encoder
 from .runtime import autocast_for, resolve_device
-from .scoring import probabilities, region_logits, score_regions, select  # noqa: F401 (score_regions re-exported)
+from .scoring import (probabilities, region_logits, score_regions, select,  # noqa: F401 (score_regions re-exported)
+                      select_pairs)
 from .text import TextEncoder, check_labels
 
-CHECKPOINT_FORMAT = "regionclip/1"
+ENSEMBLES = {"normalized": TextEncoder, "regionclip": zoo.RegionCLIPTextEncoder}
 
 
 class RegionCLIP(nn.Module):
@@ -67,15 +70,30 @@ class RegionCLIP(nn.Module):
             else:
                 data[key] = value
         self.cfg = cfg = from_dict(ModelConfig, data, where="model")
+        check_scoring(cfg.scoring)
+        if cfg.text.ensemble not in ENSEMBLES:
+            raise BadConfig(f"unknown text ensemble '{cfg.text.ensemble}': use {' or '.join(ENSEMBLES)}")
         self.device = resolve_device(cfg.device)
         self.autocast = autocast_for(cfg.precision, self.device)
-        clip, detector_model, clip_key = self._load_parts(cfg)
-        self.clip = clip
-        self.proposals = ProposalStage(detector_model, cfg.proposals)
+        parts = load_parts(cfg)
+        self.clip = clip = parts.clip
+        self.proposals = ProposalStage(parts.detector, cfg.proposals)
         self.regions = build_region_encoder(clip.visual, cfg.mode, cfg.regions)
-        self.text = TextEncoder(
+        dim = self.regions.embed_dim()
+        where = str(cfg.checkpoint or "model")
+        # Box refinement (regions.box_refinement) and a learned background embedding: from the
+        # checkpoint when it holds them (RegionCLIP's fine-tuned detectors), else none.
+        self.box_head = BoxRefiner.from_state(parts.box_head, dim, where) if parts.box_head is not None else None
+        if cfg.regions.box_refinement and self.box_head is None:
+            raise BadConfig("regions.box_refinement is on but the model has no box head (imported RegionCLIP "
+                            "fine-tuned checkpoints have one): set regions.box_refinement=false")
+        if parts.background is not None and parts.background.numel() != dim:
+            raise WeightsUnavailable(f"{where}: the background embedding has {parts.background.numel()} values, "
+                                     f"the CLIP embeds to {dim}")
+        self.register_buffer("background_embedding", parts.background, persistent=False)
+        self.text = ENSEMBLES[cfg.text.ensemble](
             clip.encode_text, open_clip.get_tokenizer(cfg.clip_model), cfg.text.templates,
-            model_key=clip_key, device=self.device, chunk_size=cfg.text.chunk_size,
+            model_key=parts.clip_key, device=self.device, chunk_size=cfg.text.chunk_size,
             cache_dir=cfg.text.cache_dir,
         )
         self.eval().to(self.device)
@@ -86,47 +104,6 @@ class RegionCLIP(nn.Module):
                 self.clip.visual.to(memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------------------- building
-    @staticmethod
-    def _load_parts(cfg: ModelConfig):
-        """Resolve every weight first (fast offline failure), then build."""
-        if cfg.checkpoint:
-            return RegionCLIP._load_checkpoint(cfg)
-        clip_res = W.resolve_clip(cfg.clip_model, cfg.clip_pretrained)
-        det_res = W.resolve_detector(cfg.detector, cfg.detector_weights)
-        # OpenAI's CLIPs were trained with QuickGELU, which open_clip's plain names (RN50,
-        # ViT-B-16) do not build: take the activation from the weights' tag.
-        tag = W.pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)
-        clip = _create_clip(cfg.clip_model, quick_gelu=bool(tag.get("quick_gelu")))
-        if clip_res.path is not None:
-            try:
-                open_clip.load_checkpoint(clip, str(clip_res.path), weights_only=True)
-            except Exception as exc:
-                W.load_state(clip_res.path)  # raises the clearer error when the file is no checkpoint
-                raise WeightsUnavailable(
-                    f"{clip_res.path} does not fit CLIP {cfg.clip_model} ({type(exc).__name__}): "
-                    "pass a checkpoint of that architecture"
-                ) from None
-        return clip, build_detector(det_res), clip_res.key
-
-    @staticmethod
-    def _load_checkpoint(cfg: ModelConfig):
-        path = Path(cfg.checkpoint)
-        if not path.is_file():
-            raise WeightsUnavailable(f"regionclip checkpoint not found: {path}")
-        ckpt = W.load_state(path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise WeightsUnavailable(f"{path} is not a regionclip checkpoint (saved by RegionCLIP.save)")
-        arch = ckpt["clip_model_config"]
-        if cfg.clip_model not in open_clip.list_models():
-            W.register_clip_config(cfg.clip_model, arch)
-        clip = _create_clip(cfg.clip_model, quick_gelu=bool(arch.get("quick_gelu")))
-        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["clip"].items()}
-        clip.load_state_dict(state)
-        det_state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["detector"].items()}
-        detector = build_detector(W.Resolved(cfg.detector, "checkpoint", None), det_state)
-        st = path.stat()
-        return clip, detector, f"{cfg.clip_model}/{path.name}/{st.st_size}/{int(st.st_mtime)}"
-
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RegionCLIP:
         return cls(config=cfg)
@@ -160,6 +137,10 @@ class RegionCLIP(nn.Module):
             "clip": state(self.clip),
             "detector": state(self.proposals.detector),
         }
+        if self.box_head is not None:
+            ckpt["box_head"] = state(self.box_head)
+        if self.background_embedding is not None:
+            ckpt["background_embedding"] = self.background_embedding.detach().cpu()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -169,7 +150,7 @@ class RegionCLIP(nn.Module):
     def _clip_arch(self) -> dict:
         """The open_clip config this model was built with (QuickGELU included when forced)."""
         arch = dict(open_clip.get_model_config(self.cfg.clip_model))
-        if _uses_quick_gelu(self.clip):
+        if uses_quick_gelu(self.clip):
             arch["quick_gelu"] = True
         return arch
 
@@ -212,22 +193,48 @@ class RegionCLIP(nn.Module):
         """The one place where inputs move to the device."""
         return ImageBatch.from_loaded(loaded, self.device)
 
-    def propose(self, batch: ImageBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Stage 1: per image, (K, 4) xyxy boxes in batch pixels (inside the image) and (K,) objectness."""
-        props = self.proposals(batch.images())
+    @staticmethod
+    def _wants_logits(scoring: ScoringConfig) -> bool:
+        """RegionCLIP's recipe multiplies by the raw RPN logit, not by its sigmoid."""
+        return scoring.recipe == "regionclip" and scoring.objectness_weight > 0
+
+    @property
+    def refines_boxes(self) -> bool:
+        return self.box_head is not None and self.cfg.regions.box_refinement
+
+    def propose(self, batch: ImageBatch, logits: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stage 1: per image, (K, 4) xyxy boxes in batch pixels (inside the image) and (K,)
+        objectness: sigmoid probabilities, or the RPN's raw logits with ``logits`` (default: what
+        the scoring recipe fuses, i.e. logits under ``scoring.recipe: regionclip`` with
+        ``objectness_weight`` 0.5)."""
+        logits = self._wants_logits(self.cfg.scoring) if logits is None else logits
+        props = self.proposals(batch.images(), logits=logits)
         boxes = [clip_boxes_to_image(b.float(), size) for (b, _), size in zip(props, batch.sizes)]
         return boxes, [o.float() for _, o in props]
 
-    def embed(self, batch: ImageBatch, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Stage 2: (sum Ni, D) unit-norm region embeddings of ``boxes[i]`` (xyxy, batch pixels)."""
-        return F.normalize(self.regions(batch.images(), list(boxes)), dim=-1)
+    def embed(self, batch: ImageBatch, boxes: Sequence[torch.Tensor], raw: bool = False) -> torch.Tensor:
+        """Stage 2: (sum Ni, D) unit-norm region embeddings of ``boxes[i]`` (xyxy, batch pixels);
+        ``raw=True`` gives the encoder's features before normalisation (what ``refine`` reads;
+        ``logits`` normalises either)."""
+        feats = self.regions(batch.images(), list(boxes))
+        return feats if raw else F.normalize(feats, dim=-1)
+
+    def refine(self, batch: ImageBatch, boxes: Sequence[torch.Tensor], raw: torch.Tensor) -> list[torch.Tensor]:
+        """Stage 2b (models with a box head): per image, ``boxes[i]`` moved by the head's deltas
+        read from their ``raw`` (sum Ni, D) features (``embed(..., raw=True)``), clipped to the image."""
+        if self.box_head is None:
+            raise BadConfig("this model has no box head to refine boxes with (regions.box_refinement)")
+        parts = raw.split([len(b) for b in boxes])
+        return [self.box_head.refine(f, b, size) for f, b, size in zip(parts, boxes, batch.sizes)]
 
     def logits(self, regions: torch.Tensor, text_emb: torch.Tensor, *, background: bool | None = None,
                scale: float | torch.Tensor | None = None) -> torch.Tensor:
         """Stage 3: the full (N, L [+ 1]) matrix, background column last when ``background``
-        (default: the scoring config's); ``scale`` defaults to the model's logit scale."""
+        (default: the scoring config's; the model's learned background embedding when it has one,
+        else a zero one); ``scale`` defaults to the model's logit scale."""
         bg = self.cfg.scoring.background if background is None else background
-        return region_logits(regions, text_emb, self.logit_scale if scale is None else scale, bg)
+        return region_logits(regions, text_emb, self.logit_scale if scale is None else scale, bg,
+                             self.background_embedding)
 
     def postprocess(
         self,
@@ -239,27 +246,42 @@ class RegionCLIP(nn.Module):
         scoring: ScoringConfig | None = None,
         filter_boxes: bool = True,
     ) -> list[Detections]:
-        """Stage 4: probabilities, top-k labels, threshold and NMS per image; boxes back in
-        original-image pixels. ``filter_boxes=False`` keeps every box (given boxes)."""
+        """Stage 4: scores, selection and NMS per image; boxes back in original-image pixels.
+        ``filter_boxes=False`` keeps every box with its top-k labels (given boxes).
+
+        ``scoring.recipe`` default: probabilities fused with objectness, top-k labels per box,
+        threshold, NMS (``scoring.probabilities`` + ``select``). regionclip: RegionCLIP's inference,
+        ``zoo.regionclip_scores`` (times the raw RPN logit when ``objectness`` holds logits, see
+        ``propose``) + ``scoring.select_pairs``."""
         cfg = scoring or self.cfg.scoring
         out = []
         for i, (b, o, lg) in enumerate(zip(boxes, objectness, logits.split([len(b) for b in boxes]))):
-            d = select(b, probabilities(lg, len(labels), o, cfg), cfg, labels, filter_boxes)
+            if cfg.recipe == "regionclip":
+                fuse = o if (o is not None and self._wants_logits(cfg)) else None
+                probs = zoo.regionclip_scores(lg.float().softmax(dim=-1), fuse)
+                d = select_pairs(b, probs, cfg, labels) if filter_boxes else select(b, probs, cfg, labels, False)
+            else:
+                d = select(b, probabilities(lg, len(labels), o, cfg), cfg, labels, filter_boxes)
             out.append(Detections(batch.to_original(i, d.boxes_xyxy), d.scores, d.label_ids, d.vocabulary))
         return out
 
     def detect_batch(self, batch: ImageBatch, text_emb: torch.Tensor, labels: Sequence[str],
                      scoring: ScoringConfig | None = None,
                      boxes: Sequence[torch.Tensor] | None = None) -> list[Detections]:
-        """The four stages over one batch; ``boxes`` (batch pixels) replace the proposals."""
+        """The stages over one batch; ``boxes`` (batch pixels) replace the proposals and are
+        never refined."""
         scoring = scoring or self.cfg.scoring
         given = boxes is not None
+        refine = self.refines_boxes and not given
         with self.autocast():
             if given:
                 objectness = [None] * len(boxes)
             else:
-                boxes, objectness = self.propose(batch)
-            logits = self.logits(self.embed(batch, boxes), text_emb, background=scoring.background)
+                boxes, objectness = self.propose(batch, logits=self._wants_logits(scoring))
+            regions = self.embed(batch, boxes, raw=refine)
+            if refine:
+                boxes = self.refine(batch, boxes, regions)
+            logits = self.logits(regions, text_emb, background=scoring.background)
         return self.postprocess(batch, boxes, objectness, logits, labels, scoring, filter_boxes=not given)
 
     @torch.inference_mode()
@@ -267,6 +289,21 @@ class RegionCLIP(nn.Module):
         """(L, D) unit-norm label embeddings (cached)."""
         with self.autocast():
             return self.text(labels)
+
+    def vocabulary(self, labels: Sequence[str] | None, text_embeddings=None) -> tuple[list[str], torch.Tensor]:
+        """``(labels, (L, D) unit-norm embeddings)``: ``labels`` encoded by the text tower, or, with
+        ``text_embeddings`` (an (L, D) tensor or a RegionCLIP concept-embedding file such as
+        ``coco_65_cls_emb.pth``), those rows, one per label in order (``labels`` None: named "0", "1", ...).
+        A count or dimension that does not fit raises ``BadInput`` naming both."""
+        if text_embeddings is None:
+            if labels is None:
+                raise BadInput("pass labels (a list of names) or text_embeddings (a tensor or concept-embedding file)")
+            labels = check_labels(labels)
+            return labels, self.encode_text(labels)
+        emb = zoo.load_concept_embeddings(text_embeddings)
+        labels = check_labels(labels) if labels is not None else [str(i) for i in range(len(emb))]
+        where = "text embeddings" if isinstance(text_embeddings, torch.Tensor) else f"text embeddings {text_embeddings}"
+        return labels, zoo.check_concept_embeddings(emb, labels, self.regions.embed_dim(), where).to(self.device)
 
     @torch.inference_mode()
     def encode_regions(self, image: ImageSource, boxes_xyxy) -> torch.Tensor:
@@ -277,12 +314,12 @@ class RegionCLIP(nn.Module):
             return self.embed(batch, [boxes])
 
     @torch.inference_mode()
-    def classify(self, images: Sequence[ImageSource], labels: Sequence[str], boxes: Sequence,
-                 batch_size: int = 8) -> list[torch.Tensor]:
+    def classify(self, images: Sequence[ImageSource], labels: Sequence[str] | None, boxes: Sequence,
+                 batch_size: int = 8, *, text_embeddings=None) -> list[torch.Tensor]:
         """Per image, the (N, L) probability matrix of its given ``boxes`` (N, 4 xyxy, original
-        pixels) over ``labels``: the GT-box protocol's input. No objectness, no filtering."""
-        labels = check_labels(labels)
-        text_emb = self.encode_text(labels)
+        pixels) over ``labels``: the GT-box protocol's input. No objectness, no filtering.
+        ``text_embeddings``: see ``vocabulary``."""
+        labels, text_emb = self.vocabulary(labels, text_embeddings)
         loaded = self.load(images)
         out: list[torch.Tensor | None] = [None] * len(loaded)
         for idx in aspect_groups([x.pixels.shape[:2] for x in loaded], _check_batch_size(batch_size)):
@@ -299,9 +336,10 @@ class RegionCLIP(nn.Module):
     def detect(
         self,
         images: ImageSource | Sequence[ImageSource],
-        labels: Sequence[str],
+        labels: Sequence[str] | None = None,
         boxes=None,
         *,
+        text_embeddings=None,
         score_threshold: float | None = None,
         nms_iou: float | None = None,
         max_detections: int | None = None,
@@ -315,7 +353,9 @@ class RegionCLIP(nn.Module):
         padded batch (similar aspect ratios together). ``boxes`` (N, 4 xyxy pixels, or a list
         of them for a list of images) skips the proposal stage: each given box is classified
         and returned with its top-k labels, in input order, unfiltered. ``agnostic_nms``:
-        suppress overlapping boxes across labels too (one box per object).
+        suppress overlapping boxes across labels too (one box per object). ``text_embeddings``
+        (a tensor or a concept-embedding file, one row per label) replaces encoding ``labels``
+        (see ``vocabulary``).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -325,10 +365,9 @@ class RegionCLIP(nn.Module):
             if len(boxes) != len(items):
                 raise BadInput(f"got {len(items)} images but {len(boxes)} box lists")
             boxes = [_check_boxes(b, self.device) for b in boxes]
-        labels = check_labels(labels)
         scoring = self.scoring_config(score_threshold=score_threshold, nms_iou=nms_iou,
                                       max_detections=max_detections, top_k=top_k, agnostic_nms=agnostic_nms)
-        text_emb = self.encode_text(labels)
+        labels, text_emb = self.vocabulary(labels, text_embeddings)
         loaded = self.load(items)
         out: list[Detections | None] = [None] * len(items)
         for idx in aspect_groups([x.pixels.shape[:2] for x in loaded], batch_size):
@@ -343,19 +382,6 @@ def _check_batch_size(batch_size) -> int:
     if int(batch_size) < 1:
         raise BadInput(f"batch_size must be at least 1, but got {batch_size}")
     return int(batch_size)
-
-
-def _create_clip(name: str, quick_gelu: bool = False) -> nn.Module:
-    # open_clip logs a warning for every model built without weights; we load them ourselves.
-    logging.disable(logging.WARNING)
-    try:
-        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _uses_quick_gelu(clip: nn.Module) -> bool:
-    return any(isinstance(m, open_clip.model.QuickGELU) for m in clip.modules())
 
 
 def _check_boxes(boxes, device) -> torch.Tensor:
@@ -377,6 +403,8 @@ def resolve_model_config(name_or_path: str, overrides: Sequence[str] = ()) -> Mo
                 f"unknown model '{name_or_path}': use a preset ({', '.join(list_model_presets())}) or a YAML path"
             )
     cfg = load_config(ModelConfig, path, overrides)
+    if cfg.checkpoint and cfg.checkpoint.startswith("~"):
+        cfg.checkpoint = str(Path(cfg.checkpoint).expanduser())
     if preset is not None and cfg.checkpoint and not Path(cfg.checkpoint).is_absolute():
         # Preset checkpoints are relative to the repository root; a user's YAML to the working folder.
         cfg.checkpoint = str((Path(__file__).resolve().parent.parent / cfg.checkpoint))

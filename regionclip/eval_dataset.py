@@ -95,6 +95,7 @@ def evaluate_model(
     progress: Progress | None = None,
     shard: tuple[int, int] = (0, 1),
     gather: Callable[[object], list] | None = None,
+    text_embeddings=None,
 ) -> tuple[dict, list[dict]]:
     """Run ``model`` over every image of ``coco`` (a pycocotools COCO) and score it.
 
@@ -104,6 +105,8 @@ def evaluate_model(
     ``workers`` DataLoader processes decode images while the model runs (0: in this process).
     ``shard=(rank, world)`` runs every ``world``-th batch from ``rank``; ``gather`` (e.g. an
     ``all_gather_object``) then collects every process's part, and all score the whole set.
+    ``text_embeddings`` (a tensor or concept-embedding file, one row per vocabulary label, in
+    order) replaces encoding the vocabulary (``RegionCLIP.vocabulary``).
     """
     if proposals not in ("model", "gt"):
         raise BadInput(f"unknown proposals '{proposals}': use model or gt")
@@ -116,6 +119,11 @@ def evaluate_model(
     labels, ids = vocabulary_for(coco, vocabulary)
     if split is not None:
         check_split(coco, split, labels)  # a wrong split fails now, not after inference
+    if text_embeddings is not None:
+        labels, text_embeddings = model.vocabulary(labels, text_embeddings)  # checked now, loaded once
+    # RegionCLIP's recipe is scored as RegionCLIP evaluates it (its own threshold, 0.001): ranking
+    # every box x label pair would be ~65,000 pairs per image through (soft-)NMS.
+    threshold = None if model.cfg.scoring.recipe == "regionclip" else 0.0
     skipped: list[str] = []
     records: list[dict] = []
     scores, ann_ids = {}, {}
@@ -130,15 +138,17 @@ def evaluate_model(
         pixels = [loaded for _, loaded in batch]
         if proposals == "model":
             # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
-            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=0.0, agnostic_nms=False,
-                                max_detections=COCO_MAX_DETECTIONS, batch_size=batch_size)
+            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=threshold, agnostic_nms=False,
+                                max_detections=COCO_MAX_DETECTIONS, batch_size=batch_size,
+                                text_embeddings=text_embeddings)
             for (image_id, _), d in zip(batch, dets):
                 d = d.cpu()
                 d = d[torch.tensor([n in ids for n in d.names], dtype=torch.bool)]  # names outside the file
                 records += d.to_records(image_id=image_id, category_ids=ids)
         else:
             gts = [gt_boxes(coco, image_id) for image_id, _ in batch]
-            probs = model.classify(pixels, labels, [b for _, b in gts], batch_size=batch_size)
+            probs = model.classify(pixels, labels, [b for _, b in gts], batch_size=batch_size,
+                                   text_embeddings=text_embeddings)
             for (image_id, _), (a_ids, _), p in zip(batch, gts, probs):
                 scores[image_id], ann_ids[image_id] = p.cpu(), a_ids
         images += len(batch)

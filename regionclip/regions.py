@@ -111,14 +111,15 @@ class _DensePool(RegionEncoder):
 
     stride = 32
 
-    def resize(self, image: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """3xhxw in [0, 1] -> normalised at pool resolution, and the scale applied."""
+    def resize(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """3xhxw in [0, 1] -> normalised at pool resolution, and the xyxy box scale applied: per
+        axis, new size / old size (the rounded sides, so boxes land where the pixels went)."""
         h, w = image.shape[-2:]
         scale = min(self.cfg.pool_short_side / min(h, w), self.cfg.pool_max_side / max(h, w))
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        nh, nw = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))  # detectron2's rounding
         x = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
                           antialias=scale < 1)[0]
-        return self.normalize(x), scale
+        return self.normalize(x), (nw / w, nh / h, nw / w, nh / h)
 
     # Whether images of different sizes may share one padded pass. Convolutions only see the
     # padding near an image's border; a ViT's attention is global, so every token would.
@@ -132,7 +133,7 @@ class _DensePool(RegionEncoder):
         out: list[torch.Tensor | None] = [None] * len(images)
         for idx in groups.values():
             x = pad_stack([resized[i][0] for i in idx], self.stride)
-            scaled = [boxes[i].to(x.dtype) * resized[i][1] for i in idx]
+            scaled = [boxes[i].to(x.dtype) * boxes[i].new_tensor(resized[i][1], dtype=x.dtype) for i in idx]
             if sum(len(b) for b in scaled):
                 emb = self.pool(x, scaled).float()
             else:

@@ -1,8 +1,9 @@
 """Region-text scoring: logits -> probabilities -> labelled, filtered ``Detections``.
 
-Three plain functions, each a stage of ``RegionCLIP`` (``logits`` and ``postprocess``) and each
+Plain functions, each a step of ``RegionCLIP``'s ``logits`` and ``postprocess`` stages and each
 usable alone: ``region_logits`` gives the full (boxes x labels [+ background]) matrix that
-training, the GT-box protocol and detection all start from.
+training, the GT-box protocol and detection all start from. ``select`` is the default recipe's
+selection; ``select_pairs`` (with ``batched_soft_nms``) RegionCLIP's (``scoring.recipe``).
 """
 
 from __future__ import annotations
@@ -11,22 +12,34 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import batched_nms, box_iou, nms
 
 from .config import ScoringConfig
 from .detections import Detections
 
 
+# RegionCLIP's soft-NMS settings (MODEL.ROI_HEADS.SOFT_NMS_{METHOD,SIGMA,PRUNE}: gaussian, 0.5, 0.001).
+SOFT_NMS_SIGMA = 0.5
+SOFT_NMS_PRUNE = 0.001
+
+
 def region_logits(regions: torch.Tensor, text_emb: torch.Tensor, scale: float | torch.Tensor,
-                  background: bool) -> torch.Tensor:
+                  background: bool, background_embedding: torch.Tensor | None = None) -> torch.Tensor:
     """(N, D) region features and (L, D) unit-norm text embeddings -> (N, L [+ 1]) float32 logits.
 
-    ``scale * cosine``; with ``background`` a last column of zeros (a zero "background"
-    embedding, the constant logit training used). ``scale`` may be a tensor with gradients.
+    ``scale * cosine``; with ``background`` a last column: zeros (a zero "background"
+    embedding, the constant logit training used), or ``scale * normalize(region) . background_embedding``
+    for a learned (1, D) one, used as stored (RegionCLIP's ``cls_bg_score``, not normalised).
+    ``scale`` may be a tensor with gradients.
     """
-    logits = scale * F.normalize(regions.float(), dim=-1) @ text_emb.float().T
+    regions = F.normalize(regions.float(), dim=-1)
+    logits = scale * regions @ text_emb.float().T
     if background:
-        logits = torch.cat([logits, logits.new_zeros((len(logits), 1))], dim=1)
+        if background_embedding is None:
+            bg = logits.new_zeros((len(logits), 1))
+        else:
+            bg = scale * regions @ background_embedding.float().reshape(1, -1).T
+        logits = torch.cat([logits, bg], dim=1)
     return logits
 
 
@@ -62,6 +75,54 @@ def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vo
         keep = keep[: cfg.max_detections]
         boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
     return Detections(boxes, scores, label_ids, tuple(vocabulary))
+
+
+def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringConfig,
+                 vocabulary: Sequence[str]) -> Detections:
+    """RegionCLIP's selection (``fast_rcnn_inference_single_image``): (N, 4) xyxy boxes, one per
+    row for every label (class-agnostic), and (N, L) scores -> every (box, label) pair scoring
+    above ``cfg.score_threshold``, per-label NMS at ``cfg.nms_iou`` (``batched_soft_nms`` with
+    ``cfg.soft_nms``, its rescored values then the scores), the best ``cfg.max_detections``, then
+    empty boxes dropped (detectron2's ``detector_postprocess``). Stays on the tensors' device."""
+    rows, label_ids = torch.nonzero(scores > cfg.score_threshold, as_tuple=True)
+    boxes, kept = boxes_xyxy.float()[rows], scores.float()[rows, label_ids]
+    if cfg.soft_nms:
+        keep, kept = batched_soft_nms(boxes, kept, label_ids)
+    else:
+        keep = batched_nms(boxes, kept, label_ids, cfg.nms_iou)
+        kept = kept[keep]
+    keep, kept = keep[: cfg.max_detections], kept[: cfg.max_detections]
+    boxes, label_ids = boxes[keep], label_ids[keep]
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return Detections(boxes[nonempty], kept[nonempty], label_ids[nonempty], tuple(vocabulary))
+
+
+def batched_soft_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
+                     sigma: float = SOFT_NMS_SIGMA, prune: float = SOFT_NMS_PRUNE
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian soft-NMS within each value of ``idxs`` (Bodla et al. 2017), as RegionCLIP runs it.
+
+    ``boxes_xyxy`` (N, 4), ``scores`` (N,), ``idxs`` (N,) labels. Repeatedly takes the best box and
+    multiplies every other score by ``exp(-IoU^2 / sigma)``, dropping those at or below ``prune``.
+    Returns ``(keep, rescored)``: indices into the inputs and their new scores, in decreasing order.
+    One step per kept box: sequential, so meant for the few thousand pairs above a threshold.
+    """
+    if not len(boxes_xyxy):
+        return idxs.new_zeros((0,), dtype=torch.int64), scores.new_zeros((0,))
+    # Labels never interact: shift each label's boxes apart (torchvision's batched_nms trick).
+    shifted = boxes_xyxy.float() + (idxs.to(boxes_xyxy) * (boxes_xyxy.max() + 1))[:, None]
+    left, order = scores.float().clone(), torch.arange(len(scores), device=scores.device)
+    keep, rescored = [], []
+    while len(left):
+        top = torch.argmax(left)
+        keep.append(order[top])
+        rescored.append(left[top])
+        iou = box_iou(shifted[top, None], shifted)[0].nan_to_num(0.0)  # two empty boxes: IoU 0, as detectron2
+        left = left * torch.exp(-iou.pow(2) / sigma)
+        alive = left > prune
+        alive[top] = False
+        shifted, left, order = shifted[alive], left[alive], order[alive]
+    return torch.stack(keep), torch.stack(rescored)
 
 
 def score_regions(

@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection._utils import BoxCoder
 
+from ..box_head import BOX_CODER_WEIGHTS
 from ..errors import BadInput, WeightsUnavailable
+from ..text import TextEncoder, check_labels
 from .files import KINDS, detect_kind, read_file
 
 TEMPERATURE = 0.01  # MODEL.CLIP.CLSS_TEMP
-BOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS
+BOX_REG_WEIGHTS = BOX_CODER_WEIGHTS  # MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS (10, 10, 5, 5)
 # detectron2/data/datasets/clip_prompt_utils.py get_prompt_templates(), in order.
 REGIONCLIP_TEMPLATES = (
     "{}.", "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
@@ -82,15 +84,16 @@ def load_concept_embeddings(source: str | os.PathLike | torch.Tensor, normalize:
     return F.normalize(emb, dim=1) if normalize else emb
 
 
-def check_concept_embeddings(emb: torch.Tensor, labels: Sequence[str], embed_dim: int,
+def check_concept_embeddings(emb: torch.Tensor, labels: Sequence[str], embed_dim: int | None,
                              where: str = "text embeddings") -> torch.Tensor:
-    """Raise ``BadInput`` (one line) unless ``emb`` has one row per label and ``embed_dim`` columns."""
+    """Raise ``BadInput`` (one line) unless ``emb`` has one row per label and ``embed_dim`` columns
+    (``None``: any; the count can be checked before a model is built)."""
     if len(emb) != len(labels):
         raise BadInput(
             f"{where} hold {len(emb)} embeddings but {len(labels)} labels were given: the labels file "
             "must list the names of the embedding file, one per line, in its order"
         )
-    if emb.shape[1] != embed_dim:
+    if embed_dim is not None and emb.shape[1] != embed_dim:
         raise BadInput(
             f"{where} have dimension {emb.shape[1]} but the CLIP model embeds to {embed_dim} "
             "(RN50: 1024, the plain *_cls_emb.pth files; RN50x4: 640, the *_rn50x4.pth files)"
@@ -98,15 +101,23 @@ def check_concept_embeddings(emb: torch.Tensor, labels: Sequence[str], embed_dim
     return emb
 
 
-def regionclip_prompts(label: str) -> list[str]:
-    """RegionCLIP's 81 prompts for one name (``prompt_engineering``: drops ',' and reads '+' as ' ')."""
+def concept_vocabulary(source: str | os.PathLike | torch.Tensor, labels: Sequence[str],
+                       embed_dim: int | None = None) -> torch.Tensor:
+    """``load_concept_embeddings`` + ``check_concept_embeddings``: (L, D) unit rows for ``labels``."""
+    where = "text embeddings" if isinstance(source, torch.Tensor) else f"text embeddings {source}"
+    return check_concept_embeddings(load_concept_embeddings(source), labels, embed_dim, where)
+
+
+def regionclip_prompts(label: str, templates: Sequence[str] = REGIONCLIP_TEMPLATES) -> list[str]:
+    """RegionCLIP's prompts for one name (``prompt_engineering``: drops ',' and reads '+' as ' ')."""
     name = label.replace(",", "").replace("+", " ")
-    return [t.replace("{}", name) for t in REGIONCLIP_TEMPLATES]
+    return [t.replace("{}", name) for t in templates]
 
 
 def regionclip_text_embeddings(encode_text: Callable[[torch.Tensor], torch.Tensor],
                                tokenizer: Callable[[list[str]], torch.Tensor],
-                               labels: Sequence[str]) -> torch.Tensor:
+                               labels: Sequence[str], templates: Sequence[str] = REGIONCLIP_TEMPLATES
+                               ) -> torch.Tensor:
     """(L, D) concept embeddings computed as ``extract_concept_features.py`` does (raw template mean).
 
     ``encode_text`` maps token ids to un-normalised text features (``clip.encode_text``).
@@ -114,9 +125,30 @@ def regionclip_text_embeddings(encode_text: Callable[[torch.Tensor], torch.Tenso
     """
     feats = []
     for label in labels:
-        tokens = tokenizer(regionclip_prompts(label))
+        tokens = tokenizer(regionclip_prompts(label, templates))
         feats.append(encode_text(tokens).float().mean(dim=0))
     return torch.stack(feats)
+
+
+class RegionCLIPTextEncoder(TextEncoder):
+    """``TextEncoder`` (same cache, same interface) whose ensemble is RegionCLIP's
+    (``text.ensemble: regionclip``): per label, the raw features of its prompts averaged, then
+    normalised; names cleaned as ``regionclip_prompts`` does. With RegionCLIP's 81 templates it
+    reproduces its concept files (``extract_concept_features.py``) up to the rows' norm."""
+
+    def __init__(self, *args, model_key: str, **kwargs):
+        # A key of its own: the same weights and templates give other embeddings than the default ensemble.
+        super().__init__(*args, model_key=f"{model_key}/regionclip-ensemble", **kwargs)
+
+    def embed(self, labels: Sequence[str]) -> torch.Tensor:
+        labels = check_labels(labels)
+        prompts = [p for label in labels for p in regionclip_prompts(label, self.templates)]
+        feats = torch.cat([
+            self.encode_fn(self.tokenizer(prompts[start:start + self.chunk_size]).to(self.device)).float()
+            for start in range(0, len(prompts), self.chunk_size)
+        ])
+        self.prompts_encoded += len(prompts)
+        return F.normalize(feats.view(len(labels), len(self.templates), -1).mean(dim=1), dim=-1)
 
 
 def regionclip_probabilities(region_features: torch.Tensor, concept_emb: torch.Tensor,

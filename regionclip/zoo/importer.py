@@ -2,9 +2,11 @@
 
 The checkpoint is the format ``RegionCLIP.save`` writes (``format``, ``config``,
 ``clip_model_config``, ``clip``, ``detector``) plus ``detector_layout`` (``fpn``/``c4``: build the
-detector with ``zoo.build_rpn_detector``), ``box_predictor`` (fine-tuned files) and ``source``.
-The preset's numbers are RegionCLIP's test-time settings (``RECIPES``), so ``--model PRESET.yaml``
-runs their configuration as far as ``ModelConfig`` can say it.
+detector with ``zoo.build_rpn_detector``), ``box_predictor`` (fine-tuned files: ``RegionCLIP``
+loads ``bbox_pred.*`` as its box head and ``cls_bg_score.weight`` as its background) and ``source``.
+The preset's numbers are RegionCLIP's test-time settings (``RECIPES``: ``scoring.recipe:
+regionclip``, ``text.ensemble: regionclip``, ``regions.box_refinement`` for fine-tuned files), so
+``--model PRESET.yaml`` runs their configuration.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ RECIPES = {
     # regionclip_pretrained-cc + rpn_lvis_866 (test_zeroshot_inference.sh, "RPN, COCO"):
     # OFFLINE_RPN_NMS_THRESH 0.9, NO_BOX_DELTA, MULTIPLY_RPN_SCORE, SCORE_THRESH_TEST 0.001, NMS 0.5.
     "zero-shot": dict(rpn_nms=0.9, background=True, objectness_weight=0.5, score_threshold=0.001,
-                      nms_iou=0.5, max_detections=100),
+                      nms_iou=0.5, soft_nms=False, box_refinement=False, max_detections=100),
     # regionclip_finetuned-coco + rpn_coco_48 (test_transfer_learning.sh): box deltas on,
     # no RPN score, SCORE_THRESH_TEST 0.001, soft-NMS (gaussian, sigma 0.5) at test.
     "finetuned-coco": dict(rpn_nms=0.7, background=True, objectness_weight=0.0, score_threshold=0.001,
-                           nms_iou=0.5, max_detections=100),
-    # regionclip_finetuned-lvis (CLIP_fast_rcnn_R_50_C4.yaml): MULTIPLY_RPN_SCORE, 0.02, 300 per image.
-    # Their LVIS runs use rpn_lvis_866_lsj (SyncBN), which this importer does not read.
+                           nms_iou=0.5, soft_nms=True, box_refinement=True, max_detections=100),
+    # regionclip_finetuned-lvis (CLIP_fast_rcnn_R_50_C4.yaml): MULTIPLY_RPN_SCORE, 0.02, 300 per image,
+    # soft-NMS. Their LVIS runs use rpn_lvis_866_lsj (SyncBN), which this importer does not read.
     "finetuned-lvis": dict(rpn_nms=0.7, background=True, objectness_weight=0.5, score_threshold=0.02,
-                           nms_iou=0.5, max_detections=300),
+                           nms_iou=0.5, soft_nms=True, box_refinement=True, max_detections=300),
 }
 
 
@@ -65,8 +67,9 @@ def preset_config(name: str, clip_model: str, detector: str, checkpoint: Path, r
     r = RECIPES[recipe]
     layout = DETECTORS[detector]
     rpn = RPN_DEFAULTS[layout]
-    scoring = dict(logit_scale=100.0, background=r["background"], objectness_weight=r["objectness_weight"],
-                   score_threshold=r["score_threshold"], nms_iou=r["nms_iou"], max_detections=r["max_detections"])
+    scoring = dict(recipe="regionclip", logit_scale=100.0, background=r["background"],
+                   objectness_weight=r["objectness_weight"], score_threshold=r["score_threshold"],
+                   nms_iou=r["nms_iou"], soft_nms=r["soft_nms"], max_detections=r["max_detections"])
     if "agnostic_nms" in {f.name for f in dataclasses.fields(ScoringConfig)}:
         scoring["agnostic_nms"] = False  # RegionCLIP runs per-class NMS only
     extra = {}
@@ -77,8 +80,9 @@ def preset_config(name: str, clip_model: str, detector: str, checkpoint: Path, r
         checkpoint=str(checkpoint), mode="pool", **extra,
         proposals=dict(source="rpn", num_proposals=rpn["num_proposals"], pre_nms_top_n=rpn["pre_nms_top_n"],
                        nms_threshold=r["rpn_nms"], min_size=rpn["min_size"], max_size=rpn["max_size"]),
-        regions=dict(pool_short_side=800, pool_max_side=1333, pool_variant="regionclip"),
-        text=dict(templates=list(REGIONCLIP_TEMPLATES)),
+        regions=dict(pool_short_side=800, pool_max_side=1333, pool_variant="regionclip",
+                     box_refinement=r["box_refinement"]),
+        text=dict(templates=list(REGIONCLIP_TEMPLATES), ensemble="regionclip"),
         scoring=scoring,
     )
     return from_dict(ModelConfig, data, where=f"preset {name}")
