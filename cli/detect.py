@@ -79,11 +79,14 @@ def detect(
     targets = annotated_paths(paths, save_dir) if save_dir is not None else None
     vocab, image_ids, category_ids = _ids(annotations, paths, vocab)
     emb = O.read_text_embeddings(text_embeddings, vocab)
-    cfg = O.resolve_config(flags)
-    check_scoring(dataclasses.replace(cfg.scoring, **scoring))  # the preset's and --set scoring.* values too
+    export_dir = _onnx_export(flags)
+    if export_dir is None:
+        cfg = O.resolve_config(flags)
+        check_scoring(dataclasses.replace(cfg.scoring, **scoring))  # the preset's and --set scoring.* values too
     for p in problems:
         warn(p)
-    records, failed = _run(O.build_model(cfg), paths, vocab, batch_size, {**scoring, "text_embeddings": emb},
+    net = O.build_model(cfg) if export_dir is None else _onnx_model(export_dir, flags.device, scoring)
+    records, failed = _run(net, paths, vocab, batch_size, {**scoring, "text_embeddings": emb},
                            image_ids, category_ids, targets, relative_paths(paths)[1])
     console.print(f"{len(records)} detections in {len(paths) - failed} image(s)")
     if json_out is not None:
@@ -93,6 +96,34 @@ def detect(
         console.print(f"annotated images in {save_dir}/")
     if failed or problems:
         raise typer.Exit(code=3)
+
+
+def _onnx_export(flags: O.ModelFlags) -> Path | None:
+    """``--model DIR`` (an ONNX export, run by onnxruntime) -> DIR; flags the export fixed are
+    refused. None for presets and YAML files; a preset's name wins over a folder of that name
+    unless the folder holds an export's manifest."""
+    from regionclip.config import model_preset_path
+    from regionclip.onnx.manifest import is_export_dir
+
+    folder = Path(flags.model)
+    if not is_export_dir(folder) and (not folder.is_dir() or model_preset_path(flags.model) is not None):
+        return None
+    fixed = {"--clip-model": flags.clip_model, "--clip-pretrained": flags.clip_pretrained, "--detector": flags.detector,
+             "--detector-weights": flags.detector_weights, "--mode": flags.mode, "--precision": flags.precision,
+             "--set": flags.set_, "--text-cache": flags.text_cache}
+    given = [flag for flag, value in fixed.items() if value]
+    if given:
+        raise BadInput(f"{given[0]} does not apply to the ONNX export {flags.model}: leave it out (model options "
+                       "are set when exporting: regionclip export ... --out DIR)")
+    return Path(flags.model)
+
+
+def _onnx_model(folder: Path, device: str | None, scoring: dict):
+    from regionclip.onnx import OnnxDetector
+
+    net = OnnxDetector(folder, device=device or "cpu")
+    net.scoring_config(**scoring)  # the export's scoring with the flags, checked before any image runs
+    return net
 
 
 def _ids(annotations: Path | None, paths: list[Path], vocab: list[str]) -> tuple[list[str], list[int], dict | None]:

@@ -23,6 +23,7 @@ from .bench import bench  # noqa: E402
 from .demo import demo
 from .detect import detect
 from .eval import eval_
+from .export import export
 from .importer import import_
 from .options import Command, Group
 from .render import err_console
@@ -43,6 +44,7 @@ app.command("train", cls=Command)(train)
 app.command("demo", cls=Command)(demo)
 app.command("make-shapes", cls=Command)(make_shapes)
 app.command("import", cls=Command)(import_)
+app.command("export", cls=Command)(export)
 
 
 @app.callback()

@@ -17,11 +17,14 @@ def make_shapes(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical files.")] = 0,
     min_side: Annotated[int, typer.Option(help="Smallest image height/width in pixels.")] = 256,
     max_side: Annotated[int, typer.Option(help="Largest image height/width in pixels.")] = 512,
+    captions_per_image: Annotated[int, typer.Option(
+        help="Captions per image (phrasings naming every shape, novel ones too); 0 writes no captions files.")] = 5,
 ) -> None:
     """Generate a small COCO-format detection set of coloured shapes (12 classes) for training and tests.
 
-    Writes OUT_DIR/train/*.jpg, OUT_DIR/val/*.jpg, OUT_DIR/annotations/instances_{train,val}.json
-    and OUT_DIR/split.yaml (9 base classes; novel: red triangle, green circle, blue square).
+    Writes OUT_DIR/train/*.jpg, OUT_DIR/val/*.jpg, OUT_DIR/annotations/instances_{train,val}.json,
+    OUT_DIR/annotations/captions_{train,val}.json (COCO Captions) and OUT_DIR/split.yaml
+    (9 base classes; novel: red triangle, green circle, blue square).
     """
     from regionclip.data.shapes import make_shapes as write_shapes
 
@@ -34,9 +37,10 @@ def make_shapes(
 
     try:
         paths = write_shapes(out_dir, n_train=train, n_val=val, seed=seed, image_size=(min_side, max_side),
-                             progress=report)
+                             progress=report, captions_per_image=captions_per_image)
     finally:
         bar.stop()
     console.print(f"[bold]{train}[/] train and [bold]{val}[/] val images in {out_dir}")
-    for key in ("train_annotations", "val_annotations", "split"):
-        console.print(f"  {key.replace('_', ' ')}: {paths[key]}")
+    for key in ("train_annotations", "val_annotations", "train_captions", "val_captions", "split"):
+        if key in paths:  # no captions files with --captions-per-image 0
+            console.print(f"  {key.replace('_', ' ')}: {paths[key]}")

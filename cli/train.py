@@ -15,9 +15,14 @@ def train(
     config: Annotated[Path, typer.Argument(help="Training YAML, e.g. configs/train/shapes_demo.yaml.", show_default=False)],
     set_: O.Set = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (overrides out_dir in the config).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from a last.pt/best.pt of an earlier run.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help=(
+        "Continue from a last.pt/best.pt of an earlier run. With a staged config (stages: ...), pass the "
+        "output folder: each stage continues from its own last.pt and finished stages are skipped."))] = None,
 ) -> None:
     """Train region-text matching (and optionally the proposal stage); write checkpoints, metrics and model.pt.
+
+    The config's stage is finetune (boxes), clip (image-caption pairs) or region_pretrain (teacher
+    pseudo-labelled regions from captions' concepts); a config with a stages list runs them in turn.
 
     The output folder is checked before data or model are built.
     """
@@ -27,16 +32,20 @@ def train(
     cfg = load_train_config(config, set_ or [], out)
     check_output_dir(cfg.out_dir, "--out" if out is not None else "out_dir")
     bar = progress()
-    task = bar.add_task("training", total=cfg.optim.max_steps)
+    tasks: dict[str | None, int] = {}
 
     def report(event: dict) -> None:
         bar.start()  # on the first event: data and model are built, so config errors print alone
+        stage = event.get("stage")
+        prefix = f"{stage}: " if stage else ""
         if "eval" in event:
             ap = ", ".join(f"{k} {v:.1f}" for k, v in event["eval"].items() if v is not None)
-            bar.console.print(f"step {event['step']}: val AP50 {ap}")
+            bar.console.print(f"{prefix}step {event['step']}: val AP50 {ap}")
             return
-        bar.update(task, completed=event["step"], description=(
-            f"loss {event['loss']:.3f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s"))
+        if stage not in tasks:  # a staged config: one bar per stage
+            tasks[stage] = bar.add_task(prefix or "training", total=event["max_steps"])
+        bar.update(tasks[stage], completed=event["step"], description=(
+            f"{prefix}loss {event['loss']:.3f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s"))
 
     try:
         result = run_training(cfg, resume=resume, progress=report)

@@ -30,6 +30,8 @@ _LAZY = {
     "ImageBatch": ".batch",
     "draw_detections": ".visualize",
     "save_annotated": ".visualize",
+    "OnnxDetector": ".onnx",
+    "export_onnx": ".onnx",
 }
 
 if TYPE_CHECKING:
@@ -37,12 +39,13 @@ if TYPE_CHECKING:
     from .detections import Detections
     from .batch import ImageBatch
     from .detector import RegionCLIP
+    from .onnx import OnnxDetector, export_onnx
     from .scoring import score_regions
     from .visualize import draw_detections, save_annotated
 
 __all__ = [
     "RegionCLIP", "Detections", "ModelConfig", "ImageBatch", "score_regions", "draw_detections",
-    "save_annotated", "RegionClipError", "BadInput",
+    "save_annotated", "OnnxDetector", "export_onnx", "RegionClipError", "BadInput",
     "BadImage", "BadConfig", "BadAnnotations", "BadOutput", "UnknownModel", "WeightsUnavailable",
 ]
 __version__ = "0.1.0"

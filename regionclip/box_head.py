@@ -10,6 +10,8 @@ RegionCLIP's fine-tuned detectors carry such a head (``roi_heads.box_predictor.b
 linear layer on the attention-pool output); ``RegionCLIP`` holds it as ``self.box_head`` (None
 when a checkpoint has none) and applies it when ``regions.box_refinement`` is on. A head trained
 for regionclip's own models fits the same slot: anything mapping (N, D) features to (N, 4) deltas.
+regionclip's trained heads may put one hidden layer (``mlp``) before ``bbox_pred``: a tiny CLIP's
+64-dimensional embedding is a narrow input for a linear read-out of four offsets.
 """
 
 from __future__ import annotations
@@ -31,13 +33,18 @@ class BoxRefiner(nn.Module):
     so its fine-tuned predictor loads as it is stored.
     """
 
-    def __init__(self, embed_dim: int):
+    def __init__(self, embed_dim: int, hidden: int = 0):
         super().__init__()
-        self.bbox_pred = nn.Linear(embed_dim, 4)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU()) if hidden else nn.Identity()
+        self.bbox_pred = nn.Linear(hidden or embed_dim, 4)
         self.coder = BoxCoder(BOX_CODER_WEIGHTS)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.bbox_pred(features)
+        return self.bbox_pred(self.mlp(features))
+
+    def targets(self, boxes_xyxy: torch.Tensor, matched_xyxy: torch.Tensor) -> torch.Tensor:
+        """(N, 4) deltas that move ``boxes_xyxy`` onto ``matched_xyxy``: what ``forward`` learns."""
+        return self.coder.encode_single(matched_xyxy.float(), boxes_xyxy.float())
 
     def refine(self, features: torch.Tensor, boxes_xyxy: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """(N, D) raw features of (N, 4) xyxy boxes -> (N, 4) moved boxes, clipped to ``image_size``
@@ -53,11 +60,14 @@ class BoxRefiner(nn.Module):
         weight, bias = state.get("bbox_pred.weight"), state.get("bbox_pred.bias")
         if weight is None or bias is None:
             raise WeightsUnavailable(f"{where}: the box head lacks bbox_pred.weight or bbox_pred.bias")
-        if tuple(weight.shape) != (4, embed_dim) or tuple(bias.shape) != (4,):
+        hidden_w = state.get("mlp.0.weight")
+        hidden = int(hidden_w.shape[0]) if hidden_w is not None else 0
+        first = tuple(hidden_w.shape) if hidden_w is not None else tuple(weight.shape)
+        if first[1:] != (embed_dim,) or tuple(weight.shape) != (4, hidden or embed_dim) or tuple(bias.shape) != (4,):
             raise WeightsUnavailable(
-                f"{where}: the box head maps {tuple(weight.shape)} but a class-agnostic head for this CLIP "
-                f"is (4, {embed_dim}): the checkpoint belongs to another model"
+                f"{where}: the box head reads {first[1:]}-dimensional features but this CLIP's are "
+                f"({embed_dim},): the checkpoint belongs to another model"
             )
-        head = cls(embed_dim)
-        head.load_state_dict({"bbox_pred.weight": weight.float(), "bbox_pred.bias": bias.float()})
+        head = cls(embed_dim, hidden)
+        head.load_state_dict({k: v.float() for k, v in state.items()})
         return head.eval()

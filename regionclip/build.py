@@ -75,8 +75,11 @@ def load_checkpoint(cfg: ModelConfig) -> Parts:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise WeightsUnavailable(f"{path} is not a regionclip checkpoint (saved by RegionCLIP.save)")
     arch = ckpt["clip_model_config"]
-    if cfg.clip_model not in open_clip.list_models():
-        W.register_clip_config(cfg.clip_model, arch)
+    known = open_clip.get_model_config(cfg.clip_model) if cfg.clip_model in open_clip.list_models() else None
+    if known is None or _arch(known) != _arch(arch):
+        # The checkpoint's own architecture wins: two checkpoints may use one name for different
+        # shapes (the demo model's tiny CLIP before and after a retrain), in one process.
+        W.register_clip_config(cfg.clip_model, {k: v for k, v in arch.items() if k != "quick_gelu"})
     clip = create_clip(cfg.clip_model, quick_gelu=bool(arch.get("quick_gelu")))
     try:
         clip.load_state_dict(_float(ckpt["clip"]))
@@ -105,6 +108,10 @@ def load_checkpoint(cfg: ModelConfig) -> Parts:
     return Parts(clip, detector, f"{cfg.clip_model}/{path.name}/{st.st_size}/{int(st.st_mtime)}",
                  _float(head) if head is not None else None,
                  background.float() if background is not None else None)
+
+
+def _arch(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "quick_gelu"}
 
 
 def _float(state: dict) -> dict:

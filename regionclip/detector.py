@@ -117,6 +117,15 @@ class RegionCLIP(nn.Module):
         cfg = resolve_model_config(name_or_path, overrides)
         return cls(config=cfg, **kwargs)
 
+    @classmethod
+    def from_onnx(cls, folder: str | os.PathLike, **kwargs):
+        """An ONNX export (``regionclip export``, ``regionclip.onnx.export_onnx``) run with onnxruntime:
+        a ``regionclip.onnx.OnnxDetector`` (``detect``, ``encode_text``, numpy ``predict``), not a
+        ``RegionCLIP``. Keywords go to it (``device``, ``threads``, ``verify``)."""
+        from .onnx import OnnxDetector
+
+        return OnnxDetector(folder, **kwargs)
+
     def save(self, path: str | os.PathLike, half: bool = False, box_head: bool = True) -> None:
         """Write a self-contained checkpoint (config, CLIP architecture, both state dicts) atomically.
 

@@ -64,6 +64,29 @@ def build_detector(resolved: Resolved, state: dict | None = None) -> FasterRCNN:
     return model
 
 
+def frozen_backbone_prefixes(detector: FasterRCNN, trainable_layers: int) -> list[str]:
+    """Parameter-name prefixes of ``detector`` that torchvision's ``trainable_backbone_layers``
+    leaves frozen: ResNets train their last ``trainable_layers`` of layer4..layer1, conv1 (bn1
+    with all 5); MobileNets their last ``trainable_layers`` stages (strided blocks). Raises
+    ``BadInput`` outside torchvision's range for the backbone."""
+    body = detector.backbone.body
+    names = [name for name, _ in body.named_children()]
+    if "layer4" in names:
+        if not 0 <= trainable_layers <= 5:
+            raise BadInput(f"trainable_backbone_layers must be 0..5 for a ResNet backbone, not {trainable_layers}")
+        train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers] + (["bn1"] if trainable_layers == 5 else [])
+        frozen = [name for name in names if name not in train]
+    else:
+        blocks = list(body.children())
+        stages = [0] + [i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+        if not 0 <= trainable_layers <= len(stages):
+            raise BadInput(f"trainable_backbone_layers must be 0..{len(stages)} for this backbone, not {trainable_layers}")
+        before = len(blocks) if trainable_layers == 0 else stages[len(stages) - trainable_layers]
+        frozen = names[:before]
+    # The trailing dot keeps block "1" from also freezing blocks "10".."16".
+    return [f"backbone.body.{name}." for name in frozen]
+
+
 class ProposalStage(nn.Module):
     """Class-agnostic boxes with an objectness score, in original-image pixels.
 

@@ -53,6 +53,46 @@ class RegionEncoder(nn.Module):
         """
         raise NotImplementedError
 
+    def whole_images(self, images: list[torch.Tensor], size: int | None = None) -> torch.Tensor:
+        """(B, D) image-level features (CLIP's own pooled output, not normalised): each image's
+        long side fitted to ``size`` (default the tower's input size), padded to a square with
+        the mean colour. A ViT runs at any size (position embedding interpolated); other towers
+        only at their own."""
+        size = size or self.input_size
+        v = self.visual
+        if size != self.input_size and not isinstance(v, VisionTransformer):
+            raise BadInput(f"{type(v).__name__} image towers run at {self.input_size} px only, not {size}")
+        x = torch.stack([_fit_square(self.normalize(img), size) for img in images])
+        if size == self.input_size:
+            return v(x).float()
+        t = v.conv1(x)
+        b, _, gh, gw = t.shape
+        t = t.flatten(2).transpose(1, 2)
+        t = torch.cat([v.class_embedding.to(t.dtype).expand(b, 1, -1), t], dim=1)
+        t = v.ln_pre(t + vit_pos_embed(v, gh, gw).to(t.dtype))
+        pooled, _ = v._pool(v.transformer(t))
+        return (pooled @ v.proj if v.proj is not None else pooled).float()
+
+
+def _fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised 3xhxw -> 3 x size x size: long side to ``size``, zero (mean colour) below/right."""
+    h, w = image.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+    return F.pad(x, (0, size - nw, 0, size - nh))
+
+
+def vit_pos_embed(visual: VisionTransformer, gh: int, gw: int) -> torch.Tensor:
+    """The ViT's position embedding (class token first) for a ``gh`` x ``gw`` patch grid."""
+    pos = visual.positional_embedding
+    g = math.isqrt(pos.shape[0] - 1)
+    if (gh, gw) == (g, g):
+        return pos
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+
 
 class CropEncoder(RegionEncoder):
     """Square each box on its long side, enlarge it, RoIAlign it to the tower's input size.
@@ -192,15 +232,6 @@ class ViTPoolEncoder(_DensePool):
         self.stride = self.patch
         self.pads_safely = False
 
-    def pos_embed(self, gh: int, gw: int) -> torch.Tensor:
-        pos = self.visual.positional_embedding
-        g = math.isqrt(pos.shape[0] - 1)
-        if (gh, gw) == (g, g):
-            return pos
-        grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(gh * gw, -1)])
-
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised -> (B, D, H/p, W/p) patch embeddings in the joint space."""
         v = self.visual
@@ -208,7 +239,7 @@ class ViTPoolEncoder(_DensePool):
         b, _, gh, gw = t.shape
         t = t.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(t.dtype).expand(b, 1, -1)
-        t = torch.cat([cls, t], dim=1) + self.pos_embed(gh, gw).to(t.dtype)
+        t = torch.cat([cls, t], dim=1) + vit_pos_embed(v, gh, gw).to(t.dtype)
         t = v.ln_pre(t)
         blocks = v.transformer.resblocks
         batch_first = getattr(v.transformer, "batch_first", True)

@@ -23,6 +23,7 @@ from open_clip.transformer import ResidualAttentionBlock, TextTransformer, Trans
 from torch import nn
 
 from .errors import BadInput
+from .labels import check_labels  # also importable from here, as before
 
 # Pools that read one token at or before the end of text; "last" and "none" read the padding too.
 _SHORT_POOLS = ("argmax", "eos", "first")
@@ -31,15 +32,6 @@ _SHORT_POOLS = ("argmax", "eos", "first")
 def ensemble(prompt_embeddings: torch.Tensor) -> torch.Tensor:
     """(L, T, D) per-template embeddings -> (L, D): normalise, average over T, renormalise."""
     return F.normalize(F.normalize(prompt_embeddings.float(), dim=-1).mean(dim=1), dim=-1)
-
-
-def check_labels(labels: Sequence[str]) -> list[str]:
-    if isinstance(labels, str):
-        labels = [labels]
-    labels = [str(label).strip() for label in labels]
-    if not labels or not all(labels):
-        raise BadInput("labels must be a non-empty list of non-empty strings, e.g. [\"dog\", \"cat\"]")
-    return labels
 
 
 def _text_tower(clip: nn.Module) -> tuple[nn.Module, str, int | None] | None:

@@ -161,25 +161,30 @@ def test_sampled_regions_follow_the_iou_rules():
                           [200, 200, 240, 240]])  # background
     proposals = [(props, torch.ones(len(props)))]  # (boxes, objectness) of one image
     targets = [{"boxes": gt, "labels": torch.tensor([3, 7])}]
-    boxes, labels = sample_regions(proposals, targets, LossConfig(positive_samples=10, background_samples=10), background=12)
+    boxes, labels, matched = sample_regions(proposals, targets, LossConfig(positive_samples=10, background_samples=10), background=12)
+    # Regression targets: a positive's matched GT box, a background region's own box.
+    target_of = {tuple(b.tolist()): tuple(m.tolist()) for b, m in zip(boxes[0], matched[0])}
+    assert target_of[(12.0, 12.0, 50.0, 50.0)] == (10.0, 10.0, 50.0, 50.0)
+    assert target_of[(100.0, 100.0, 140.0, 150.0)] == (100.0, 100.0, 140.0, 140.0)
+    assert target_of[(30.0, 30.0, 70.0, 70.0)] == (30.0, 30.0, 70.0, 70.0)
     by_box = {tuple(b.tolist()): int(l) for b, l in zip(boxes[0], labels)}
     assert len(boxes[0]) == len(labels) == 7
     assert by_box[(12.0, 12.0, 50.0, 50.0)] == 3 and by_box[(10.0, 10.0, 30.0, 50.0)] == 3
     assert by_box[(100.0, 100.0, 140.0, 150.0)] == 7
     assert by_box[(30.0, 30.0, 70.0, 70.0)] == 12 and by_box[(200.0, 200.0, 240.0, 240.0)] == 12
-    _, labels = sample_regions(proposals, targets, LossConfig(positive_samples=1, background_samples=0), background=12)
+    _, labels, _ = sample_regions(proposals, targets, LossConfig(positive_samples=1, background_samples=0), background=12)
     assert labels.tolist()[:2] == [3, 7] and len(labels) == 3
     # With a minimum overlap, a proposal far from every labelled box (maybe an unlabelled object)
     # is not background; the partial crop at IoU 0.14 still is.
     window = LossConfig(positive_samples=0, background_samples=10, background_iou_min=0.1)
-    boxes, labels = sample_regions(proposals, targets, window, background=12)
+    boxes, labels, _ = sample_regions(proposals, targets, window, background=12)
     assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0)] and labels.tolist() == [3, 7, 12]
     window.background_far_samples = 5
-    boxes, labels = sample_regions(proposals, targets, window, background=12)
+    boxes, labels, _ = sample_regions(proposals, targets, window, background=12)
     assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0), (200.0, 200.0, 240.0, 240.0)]
     # A far proposal the RPN is sure of (objectness 1 here) is left out; the near one stays.
     window.background_far_max_objectness = 0.5
-    boxes, labels = sample_regions(proposals, targets, window, background=12)
+    boxes, labels, _ = sample_regions(proposals, targets, window, background=12)
     assert [tuple(b) for b in boxes[0][2:].tolist()] == [(30.0, 30.0, 70.0, 70.0)] and labels.tolist() == [3, 7, 12]
 
 

@@ -22,17 +22,21 @@ from ..io import load_image, to_tensor
 Target = dict[str, Any]
 
 
+def read_json(path: Path, missing: str, kind: str) -> Any:
+    """A JSON annotation file's contents; ``BadAnnotations`` saying ``missing`` (what to pass
+    instead) when there is no such file, or that it is no JSON ``kind`` file."""
+    if not path.is_file():
+        raise BadAnnotations(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadAnnotations(f"{path}: not valid JSON ({exc}); expected a {kind} file") from None
+
+
 def _read_coco(path: Path) -> COCO:
     """Validate and index a COCO instances file without pycocotools' prints."""
-    if not path.is_file():
-        raise BadAnnotations(
-            f"{path}: annotation file not found; pass a COCO instances_*.json "
-            "(`regionclip make-shapes DIR` writes a small one)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadAnnotations(f"{path}: not valid JSON ({exc}); expected a COCO instances file") from None
+    data = read_json(path, "annotation file not found; pass a COCO instances_*.json "
+                     "(`regionclip make-shapes DIR` writes a small one)", "COCO instances")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
         raise BadAnnotations(

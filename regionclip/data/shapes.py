@@ -5,16 +5,23 @@ square, triangle, with COCO ids 1..12 in that (colour-major) order. Three of the
 novel split, so a base-trained detector can be tested on names it never saw boxes for; the
 novel names recombine a colour and a shape that the base split does contain separately.
 
+Each image also gets captions (COCO Captions format) for caption-driven pretraining: several
+phrasings that name every shape in it, novel ones included ("two red circles and a blue
+triangle on a grey background"), since a caption is what tells a region learner about the
+names its boxes never show. An empty image is captioned without any category name.
+
 Every image draws from its own ``numpy.random.Generator`` seeded with ``(seed, split, index)``,
 so image ``i`` is the same whatever ``n_train``/``n_val`` are, and the same seed gives
-byte-identical JSON and identical pixels.
+byte-identical JSON and identical pixels. Its captions draw from a second generator,
+``(seed, split, index, 1)``: pixels and boxes are the same with or without captions.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -48,6 +55,27 @@ COLOUR_JITTER = 20  # per-channel +- around the nominal colour
 EMPTY_PROB = 0.05  # share of images with no objects (detectors must learn to say nothing)
 
 _SPLIT_CODES = {"train": 0, "val": 1}
+
+# Caption phrasings. {objects} lists every shape with its count; {background} is a tone word
+# that is never a target colour, so no caption names a category the image does not hold.
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{objects} on a {background} background",
+    "there {be} {objects}",
+    "an image with {objects}",
+    "a picture showing {objects}",
+    "a {background} background with {objects}",
+    "{objects}",
+    "a drawing of {objects} on a {background} background",
+    "a photo of {objects}",
+)
+EMPTY_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "an empty background with no shapes",
+    "a plain {background} background",
+    "there are no shapes in this image",
+    "an image of an empty {background} background",
+    "nothing but a {background} background",
+)
+_COUNT_WORDS = ("no", "a", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -172,6 +200,66 @@ def render_shapes_image(
     return img, objects
 
 
+def _plural(name: str) -> str:
+    if name.endswith(("s", "x", "z", "ch", "sh")):
+        return name + "es"
+    if name.endswith("y") and len(name) > 1 and name[-2] not in "aeiou":
+        return name[:-1] + "ies"
+    return name + "s"
+
+
+def _counted(name: str, count: int) -> str:
+    """``"a red circle"``, ``"two red circles"``."""
+    if count == 1:
+        return ("an " if name[0] in "aeiou" else "a ") + name
+    return f"{_COUNT_WORDS[count] if count < len(_COUNT_WORDS) else count} {_plural(name)}"
+
+
+def _background_word(rgb: np.ndarray) -> str:
+    """A tone word for an image's background, from the median luminance of its outer pixels.
+
+    Shapes are placed at least a pixel inside the border, so the frame is background (and some
+    clutter, which the median ignores).
+    """
+    frame = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.float32)
+    luminance = float(np.median(frame @ np.array([0.299, 0.587, 0.114], np.float32)))
+    return "dark grey" if luminance < 95 else "light grey" if luminance > 165 else "grey"
+
+
+def shape_captions(
+    names: Sequence[str], rng: np.random.Generator, n: int = 5, background: str = "grey"
+) -> list[str]:
+    """``n`` captions for one image holding the shapes ``names``.
+
+    Args:
+        names: one entry per shape (repeats are counted: two "red circle" -> "two red circles").
+        rng: the generator the phrasing, the order of the shapes and the capitals come from.
+        n: how many captions; the templates are used in a random order, each once before any
+            repeats.
+        background: a tone word for the background (it must not be a shape colour).
+
+    Returns:
+        Captions that each name every distinct shape in ``names`` (its name, or its plural with
+        a count), in a shuffled order; with no shapes, captions that name none.
+    """
+    counts = Counter(names)
+    templates = CAPTION_TEMPLATES if counts else EMPTY_CAPTION_TEMPLATES
+    rounds = -(-n // len(templates))
+    order = [int(t) for _ in range(rounds) for t in rng.permutation(len(templates))][:n]
+    captions = []
+    for t in order:
+        groups = list(counts.items())
+        groups = [groups[int(j)] for j in rng.permutation(len(groups))]
+        phrases = [_counted(name, count) for name, count in groups]
+        objects = " and ".join([", ".join(phrases[:-1]), phrases[-1]] if len(phrases) > 1 else phrases)
+        be = "is" if groups and groups[0][1] == 1 else "are"
+        text = templates[t].format(objects=objects, background=background, be=be)
+        if rng.random() < 0.5:  # half as a sentence, as people write them in COCO Captions
+            text = text[0].upper() + text[1:] + "."
+        captions.append(text)
+    return captions
+
+
 def split_dict() -> dict[str, list[str]]:
     """The shapes base/novel split, as written to ``split.yaml``."""
     return {"base": list(BASE), "novel": list(NOVEL)}
@@ -184,20 +272,28 @@ def make_shapes(
     seed: int = 0,
     image_size: tuple[int, int] = (256, 512),
     progress: Callable[[int], None] | None = None,
+    captions_per_image: int = 5,
 ) -> dict[str, Path]:
-    """Write the shapes data set: JPEGs, COCO annotations and the base/novel split.
+    """Write the shapes data set: JPEGs, COCO annotations, captions and the base/novel split.
 
     Layout under ``out_dir``: ``train/*.jpg``, ``val/*.jpg``, ``annotations/instances_train.json``,
-    ``annotations/instances_val.json``, ``split.yaml``. COCO ``file_name`` is relative to the
-    split's image folder. Boxes are ``xywh`` in pixels; ``area`` is the box area.
+    ``annotations/instances_val.json``, ``annotations/captions_train.json``,
+    ``annotations/captions_val.json``, ``split.yaml``. COCO ``file_name`` is relative to the
+    split's image folder. Boxes are ``xywh`` in pixels; ``area`` is the box area. The captions
+    files are COCO Captions: the instances file's ``images`` and ``annotations`` of
+    ``{"id", "image_id", "caption"}``; every caption names every shape of its image, novel
+    ones included (see ``shape_captions``).
 
     Args:
         image_size: ``(min, max)`` side in pixels; height and width are drawn independently.
         progress: called with the number of images written so far after each image.
+        captions_per_image: phrasings per image; 0 writes no captions files. Images and
+            instances files are the same whatever this is.
 
     Returns:
         Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
-        ``val_annotations``, ``split``.
+        ``val_annotations``, ``split``, and (unless ``captions_per_image`` is 0)
+        ``train_captions``, ``val_captions``.
 
     Raises:
         BadInput: counts or sizes out of range. BadOutput: ``out_dir`` cannot be written,
@@ -208,6 +304,8 @@ def make_shapes(
         raise BadInput(f"image counts must be >= 0, but got train={n_train} val={n_val}")
     if lo < 64 or hi < lo:
         raise BadInput(f"image_size must be (min, max) with 64 <= min <= max, but got {image_size}")
+    if captions_per_image < 0:
+        raise BadInput(f"captions_per_image must be >= 0 (0 writes no captions), but got {captions_per_image}")
     out = check_output_dir(out_dir, "shapes output folder")  # before any image is drawn
     paths = {
         "train_images": out / "train",
@@ -216,6 +314,9 @@ def make_shapes(
         "val_annotations": out / "annotations" / "instances_val.json",
         "split": out / "split.yaml",
     }
+    if captions_per_image:
+        paths["train_captions"] = out / "annotations" / "captions_train.json"
+        paths["val_captions"] = out / "annotations" / "captions_val.json"
     try:
         for key in ("train_images", "val_images"):
             paths[key].mkdir(parents=True, exist_ok=True)
@@ -224,7 +325,7 @@ def make_shapes(
 
     written = 0
     for split, count in (("train", n_train), ("val", n_val)):
-        images, annotations = [], []
+        images, annotations, captions = [], [], []
         for i in range(count):
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
             h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
@@ -244,6 +345,14 @@ def make_shapes(
                     "area": float((x2 - x1) * (y2 - y1)),
                     "iscrowd": 0,
                 })
+            if captions_per_image:
+                # A generator of its own, not the image's: the image's stream stays what rendering
+                # alone draws, so pixels and boxes cannot depend on the caption count or templates.
+                caption_rng = np.random.default_rng([seed, _SPLIT_CODES[split], i, 1])
+                texts = shape_captions([name for _, name in objects], caption_rng, captions_per_image,
+                                       _background_word(img))
+                for text in texts:
+                    captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
             written += 1
             if progress is not None:
                 progress(written)
@@ -254,5 +363,12 @@ def make_shapes(
             "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CATEGORIES)],
         }
         atomic_write_text(paths[f"{split}_annotations"], json.dumps(coco, indent=1) + "\n")
+        if captions_per_image:
+            captions_file = {
+                "info": {"description": f"regionclip synthetic shapes captions ({split})", "seed": seed},
+                "images": images,
+                "annotations": captions,
+            }
+            atomic_write_text(paths[f"{split}_captions"], json.dumps(captions_file, indent=1) + "\n")
     atomic_write_text(paths["split"], yaml.safe_dump(split_dict(), sort_keys=False))
     return paths

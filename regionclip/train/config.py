@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ModelConfig, load_config
+from ..config import ModelConfig, from_dict, load_config, to_dict
 from ..errors import BadConfig
 
 
@@ -23,6 +23,13 @@ class DataConfig:
     use_base_only: bool = True  # drop novel boxes from training: they are what the model must find unseen
     max_side: int | None = 320  # training images are downscaled to this longer side
     hflip_prob: float = 0.5
+    # COCO Captions JSON of the training images (the clip and region_pretrain stages); None reads
+    # captions_<x>.json next to instances_<x>.json, as `regionclip make-shapes` and COCO lay them out.
+    train_captions: str | None = None
+    # The concept pool captions are matched against: a phrase list, a text file (one per line), a
+    # split YAML (base + novel) or a COCO instances JSON (its category names). None: the split's
+    # base + novel names, else the training file's categories.
+    concepts: Any = None
 
 
 @dataclass
@@ -34,6 +41,10 @@ class OptimConfig:
     batch_size: int = 8  # images per step across ALL processes (each rank takes batch_size / world)
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # CLIP's beta2: stabler with small batches
+    # The box head starts from random init while the towers are pretrained, and its targets are
+    # deltas of unit scale (Fast R-CNN's 10, 10, 5, 5 weights): at the towers' lr an Adam step moves
+    # an output by about lr, so it would need thousands of steps. None: optim.lr.
+    box_head_lr: float | None = None
 
 
 @dataclass
@@ -56,9 +67,52 @@ class LossConfig:
     positive_samples: int = 4  # proposals with IoU >= positive_iou to a GT box, trained with its label
     positive_iou: float = 0.5
     proposal_loss_weight: float = 1.0  # weight of the Faster R-CNN losses when train_proposals
+    # Class-agnostic box refinement (regionclip/box_head.py): > 0 trains a box-regression head on
+    # the raw region features of the sampled positives and GT boxes (smooth L1 on Fast R-CNN's
+    # deltas) and the written preset applies it (regions.box_refinement).
+    box_regression_weight: float = 0.0
+    box_head_hidden: int = 0  # one hidden layer of this width before the 4 deltas; 0: linear
+    # Box fine-tuning also trains on the proposals a teacher labels from captions, as
+    # region_pretrain does (pretrain.* settings; teacher: pretrain.teacher, in a staged config the
+    # previous stage's model): concepts no box labels keep being named while the boxes train.
+    caption_regions: bool = False
     # RoIs the box head samples per image (torchvision: 512); the box head trains only with
     # proposals.source=final, where its 12544x1024 fc6 makes this the biggest cost of a CPU step.
     box_head_samples: int = 512
+
+
+@dataclass
+class ClipStageConfig:
+    """``stage: clip``: image-level CLIP training on image-caption pairs (symmetric InfoNCE)."""
+
+    # Side the whole image is fitted into (long side, padded square). None: the tower's own input
+    # size. ViTs interpolate their position embedding to other sizes; ResNet towers need their own.
+    image_size: int | None = None
+    gather: bool = True  # DDP: the other ranks' features are negatives too (the global batch)
+
+
+@dataclass
+class PretrainConfig:
+    """``stage: region_pretrain``: RegionCLIP's region-concept pretraining from a frozen teacher."""
+
+    # The teacher CLIP: a model preset, a preset YAML or a regionclip checkpoint's preset (in a
+    # staged config, default: the clip stage's). It scores proposals as crops.
+    teacher: str | None = None
+    proposals_per_image: int = 32  # most objectness-confident RPN proposals the teacher labels
+    # A pseudo label needs this share of the teacher's probability among the image's candidate
+    # concepts (0.5 with two candidates: the better one; 1 candidate always passes).
+    threshold: float = 0.5
+    top_k: int = 2  # pseudo-labelled proposals per concept per image, the teacher's most confident
+    # Use the instances file's boxes too (RegionCLIP's pretraining uses none): a proposal on a
+    # labelled box (IoU >= loss.positive_iou) takes that box's concept; one that touches none
+    # (IoU < loss.background_iou_min, or 0.3 when that is 0) may only take a concept the boxes
+    # never label (every instance of a labelled category has a box), e.g. a novel one its
+    # captions name; the teacher picks among those and ranks the proposals.
+    use_boxes: bool = False
+    min_objectness: float = 0.0  # RPN objectness a proposal needs to take a caption concept
+    contrastive_weight: float = 1.0  # region-concept cross-entropy on the pseudo-labelled regions
+    distill_weight: float = 1.0  # KL to the teacher's soft labels over the pool, every proposal
+    image_text_weight: float = 0.0  # optional image-caption InfoNCE term (the clip stage's loss)
 
 
 @dataclass
@@ -69,6 +123,11 @@ class RunConfig:
     # Parameter-name prefixes kept frozen on top of the switches above, e.g.
     # "proposals.detector.backbone.body": MobileNet's depthwise-conv backward is ~10x its forward on CPU.
     freeze: list[str] = field(default_factory=list)
+    # Detector backbone layers that train, counted from the top, as torchvision's
+    # trainable_backbone_layers (ResNet 0..5, MobileNetV3 0..6); the rest stay frozen. None:
+    # torchvision's rule, 3 for pretrained detector weights, all for a detector from scratch or
+    # from a regionclip checkpoint (it continues its own training).
+    trainable_backbone_layers: int | None = None
     # BatchNorm layers keep their statistics and affine weights (FrozenBatchNorm2d's semantics),
     # as RegionCLIP and torchvision train pretrained detectors: batches of a few images per GPU
     # give poor statistics. BN under a `freeze` prefix or in a part that does not train is always
@@ -83,8 +142,19 @@ class RunConfig:
     num_workers: int = 0  # DataLoader workers; resume is bit-exact only with 0 (worker RNG restarts)
 
 
+STAGES = ("clip", "region_pretrain", "finetune")
+
+
 @dataclass
 class TrainConfig:
+    # What this run trains: clip (image-caption pairs), region_pretrain (teacher pseudo-labelled
+    # proposals and captions' concepts), finetune (boxes; the default).
+    stage: str = "finetune"
+    # Several stages in one file: each entry names a stage and overrides sections of this file,
+    # e.g. {name: clip, stage: clip, optim: {max_steps: 2000}}. Each writes OUT/<name>/ and starts
+    # from the previous one's model.pt (`start: scratch` builds the model afresh; the previous
+    # model still teaches); the last one's preset is copied to OUT/preset.yaml.
+    stages: list[dict[str, Any]] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     # open_clip architectures to register before building, {name: open_clip JSON config}; lets a
     # run train a CLIP from scratch whose architecture ships in the YAML (see shapes_demo.yaml).
@@ -93,6 +163,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    clip: ClipStageConfig = field(default_factory=ClipStageConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     out_dir: str = "runs/train"
 
 
@@ -105,6 +177,47 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = (), out_dir: 
     cfg = load_config(TrainConfig, path, overrides)
     if out_dir is not None:
         cfg.out_dir = str(out_dir)
+    previous = None
+    for i in range(len(cfg.stages)):
+        # Every stage is checked now, not after the earlier ones have trained for an hour.
+        stage = check_train_config(stage_config(cfg, i, previous), f"{path} (stages[{i}])")
+        previous = Path(stage.out_dir)
+    return check_train_config(cfg, path)
+
+
+def stage_config(cfg: TrainConfig, index: int, previous: Path | None = None) -> TrainConfig:
+    """Stage ``index`` of a staged config: the file's sections with the stage's overrides merged
+    in, writing to ``OUT/<name>``, starting from ``previous`` (the earlier stage's output folder)."""
+    entry = dict(cfg.stages[index])
+    name = entry.pop("name", None)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise BadConfig(f"stages[{index}] needs a name (its output folder), e.g. name: clip")
+    start = entry.pop("start", "previous")
+    if start not in ("previous", "scratch"):
+        raise BadConfig(f"stages[{index}].start must be previous (the last stage's model) or scratch, not {start!r}")
+    data = to_dict(cfg)
+    data["stages"] = []
+    for key, value in entry.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    data["out_dir"] = str(Path(cfg.out_dir) / name)
+    if previous is not None:
+        if start == "previous":
+            data["model"]["checkpoint"] = str(previous / "model.pt")
+        wants_teacher = data.get("stage") == "region_pretrain" or data["loss"].get("caption_regions")
+        if wants_teacher and not data["pretrain"].get("teacher"):
+            data["pretrain"]["teacher"] = str(previous / "preset.yaml")
+    return from_dict(TrainConfig, data, where=f"stages[{index}]")
+
+
+def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
+    """The checks that need no files or models; returns ``cfg``."""
+    if cfg.stages:
+        return cfg  # the file's own sections only seed its stages
+    if cfg.stage not in STAGES:
+        raise BadConfig(f"{path}: unknown stage '{cfg.stage}': use one of {', '.join(STAGES)}")
     if not cfg.data.train_annotations or not cfg.data.train_images:
         raise BadConfig(f"{path}: data.train_annotations and data.train_images are required")
     if (cfg.data.val_annotations is None) != (cfg.data.val_images is None):
@@ -126,4 +239,16 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = (), out_dir: 
             raise BadConfig(f"{path}: clip_configs.{name} must be an open_clip config with embed_dim, vision_cfg, text_cfg")
     if not (cfg.train.train_image_tower or cfg.train.train_text_tower or cfg.train.train_proposals):
         raise BadConfig(f"{path}: nothing to train: enable one of train.train_image_tower/train_text_tower/train_proposals")
+    if lc.box_regression_weight < 0 or lc.box_head_hidden < 0:
+        raise BadConfig(f"{path}: loss.box_regression_weight and loss.box_head_hidden must be >= 0")
+    pc = cfg.pretrain
+    if pc.proposals_per_image < 1 or pc.top_k < 1 or not 0 <= pc.threshold <= 1 or not 0 <= pc.min_objectness <= 1:
+        raise BadConfig(f"{path}: pretrain needs proposals_per_image >= 1, top_k >= 1, threshold and min_objectness in [0, 1]")
+    if min(pc.contrastive_weight, pc.distill_weight, pc.image_text_weight) < 0:
+        raise BadConfig(f"{path}: pretrain loss weights must be >= 0")
+    if (cfg.stage == "region_pretrain" or lc.caption_regions) and not pc.teacher:
+        raise BadConfig(f"{path}: stage region_pretrain and loss.caption_regions need pretrain.teacher "
+                        "(a model preset or preset YAML)")
+    if cfg.clip.image_size is not None and cfg.clip.image_size < 16:
+        raise BadConfig(f"{path}: clip.image_size must be at least 16 pixels")
     return cfg

@@ -30,11 +30,15 @@ from ..batch import ImageBatch
 from ..config import dump_config, to_dict
 from ..data import CocoDetection, collate, load_split
 from ..detector import RegionCLIP
-from ..errors import BadConfig
+from ..errors import BadConfig, BadInput
+from ..proposals import frozen_backbone_prefixes
 from ..eval_dataset import evaluate_model
 from ..runtime import autocast_for, resolve_device
+from ..box_head import BoxRefiner
 from ..weights import register_clip_config
-from .config import TrainConfig
+from .config import TrainConfig, stage_config
+from .losses import box_regression_loss, mean_count
+from .stages import ImageTextLoss, RegionConceptLoss, Teacher, captioned
 from .state import atomic_save, load_checkpoint, lr_factor, rng_state, set_rng_state
 
 Progress = Callable[[dict[str, Any]], None]
@@ -50,21 +54,36 @@ class TrainResult:
 
 
 class RegionTextLoss(nn.Module):
-    """The trainable graph in one module, so DDP can wrap it: returns a dict of scalar losses."""
+    """The trainable graph in one module, so DDP can wrap it: returns a dict of scalar losses.
 
-    def __init__(self, model: RegionCLIP, cfg: TrainConfig, world: int):
+    ``vocab`` names the targets' labels (``len(vocab)`` meaning background); ``text_emb`` its
+    fixed embeddings when the text tower does not train (None: embedded every step, with
+    gradients)."""
+
+    def __init__(self, model: RegionCLIP, cfg: TrainConfig, world: int, vocab: list[str],
+                 text_emb: torch.Tensor | None = None, captions: RegionConceptLoss | None = None):
         super().__init__()
         self.model = model
         self.cfg = cfg
         self.world = world
+        self.vocab = vocab
+        self.text_emb = text_emb
+        # loss.caption_regions: proposals a teacher labels from captions join the batch's regions,
+        # their concepts appended to the vocabulary (the base names first, as the targets count).
+        self.captions = captions
+        if captions is not None:
+            self.vocab = vocab + [c for c in captions.pool.names if c not in vocab]
+            index = {name: k for k, name in enumerate(self.vocab)}
+            self.concept_labels = torch.tensor([index[c] for c in captions.pool.names])
 
-    def forward(self, batch: ImageBatch, targets, vocab, text_emb) -> tuple[dict[str, torch.Tensor], int]:
-        """One step's losses over ``batch`` (training targets in its pixels); ``vocab`` indices
-        are the targets' labels, ``len(vocab)`` meaning background. Returns the losses and the
-        number of regions this process trained on."""
+    def forward(self, batch: ImageBatch, targets) -> tuple[dict[str, torch.Tensor], int]:
+        """One step's losses over ``batch`` (training targets in its pixels). Returns the losses
+        and the number of regions this process trained on."""
         m, run, lc = self.model, self.cfg.train, self.cfg.loss
         losses = {}
         # One backbone + RPN pass serves both the proposal losses and the region sampling.
+        targets_in = targets
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         if run.train_proposals:
             proposals, det_losses = m.proposals.forward_train(batch.images(), targets)
             losses = {k: v * lc.proposal_loss_weight for k, v in det_losses.items()}
@@ -73,14 +92,33 @@ class RegionTextLoss(nn.Module):
                 proposals = list(zip(*m.propose(batch)))
         else:
             proposals = [(t["boxes"].new_zeros((0, 4)), t["boxes"].new_zeros((0,))) for t in targets]
-        boxes, labels = sample_regions(proposals, targets, lc, background=len(vocab))
-        if text_emb is None:  # the text tower trains: embed the vocabulary with gradients
-            text_emb = m.text.embed(vocab)
-        logits = m.logits(m.embed(batch, boxes), text_emb, background=True,
+        background = len(self.vocab)
+        boxes, labels, matched = sample_regions(proposals, targets_in, lc, background=background)
+        regress = [torch.ones(len(b), dtype=torch.bool, device=labels.device) for b in boxes]
+        if self.captions is not None:
+            extra, concepts = self.captions.caption_regions(batch, proposals, targets_in)
+            per_image = list(labels.split([len(b) for b in boxes]))
+            for i, (e, c) in enumerate(zip(extra, concepts)):
+                boxes[i] = torch.cat([boxes[i], e])
+                per_image[i] = torch.cat([per_image[i], self.concept_labels.to(c.device)[c]])
+                matched[i] = torch.cat([matched[i], e])
+                regress[i] = torch.cat([regress[i], torch.zeros(len(e), dtype=torch.bool, device=e.device)])
+            labels = torch.cat(per_image)
+        text_emb = self.text_emb if self.text_emb is not None else m.text.embed(self.vocab)
+        raw = m.embed(batch, boxes, raw=True)
+        logits = m.logits(F.normalize(raw, dim=-1), text_emb, background=True,
                           scale=m.clip.logit_scale.exp().clamp(max=100))
         # Divide by the global region count so DDP's gradient averaging gives the global mean.
-        norm = max(1.0, _all_mean(float(len(labels)), self.world, batch.device))
+        norm = mean_count(float(len(labels)), self.world, batch.device)
         losses["loss_region_text"] = F.cross_entropy(logits, labels, reduction="sum") / norm
+        if m.box_head is not None and lc.box_regression_weight > 0:
+            # Fast R-CNN's box loss: the foreground regions' deltas to their matched GT box,
+            # summed and divided by all sampled regions (torchvision's normalisation).
+            fg = (labels != background) & torch.cat(regress)  # caption regions have no box target
+            flat = torch.cat(boxes)
+            targets_d = m.box_head.targets(flat[fg], torch.cat(matched)[fg])
+            deltas = m.box_head(raw[fg]).float()
+            losses["loss_box_reg"] = lc.box_regression_weight * box_regression_loss(deltas, targets_d).sum() / norm
         return losses, len(labels)
 
 
@@ -92,9 +130,10 @@ def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.
     boxes, not GT ones); up to ``lc.background_samples`` proposals with IoU < ``lc.background_iou``
     to every GT box and >= ``lc.background_iou_min`` to some GT box, plus up to
     ``lc.background_far_samples`` below ``lc.background_iou_min`` with objectness at most
-    ``lc.background_far_max_objectness``, all labelled ``background``. Returns per-image boxes
-    and the (sum N,) labels."""
-    boxes, labels = [], []
+    ``lc.background_far_max_objectness``, all labelled ``background``. Returns per-image boxes,
+    the (sum N,) labels and per-image matched GT boxes (a box regression target; a background
+    region's is its own box)."""
+    boxes, labels, matched = [], [], []
     for (p, objectness), t in zip(proposals, targets):
         p, objectness = p.detach(), objectness.detach()
         big = (p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)
@@ -112,7 +151,8 @@ def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.
                          far[torch.randperm(len(far))[:lc.background_far_samples].to(far.device)]])
         boxes.append(torch.cat([t["boxes"], p[pos], p[neg]]))
         labels.append(torch.cat([t["labels"], t["labels"][match[pos]], t["labels"].new_full((len(neg),), background)]))
-    return boxes, torch.cat(labels)
+        matched.append(torch.cat([t["boxes"], t["boxes"][match[pos]], p[neg]]))
+    return boxes, torch.cat(labels), matched
 
 
 def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
@@ -140,16 +180,16 @@ def _set_trainable(model: RegionCLIP, run) -> list[nn.Parameter]:
     model.clip.logit_scale.requires_grad_(True)  # the temperature always learns
     for p in model.proposals.parameters():
         p.requires_grad_(run.train_proposals)
+    frozen = list(run.freeze) + _frozen_backbone(model, run)
     for name, p in model.named_parameters():
-        if any(name.startswith(prefix) for prefix in run.freeze):
+        if any(name.startswith(prefix) for prefix in frozen):
             p.requires_grad_(False)
     model.clip.train(run.train_text_tower)
     model.clip.visual.train(run.train_image_tower)  # its BN must not drift when only text trains
     model.proposals.train(run.train_proposals)
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            frozen = any(name.startswith(prefix) for prefix in run.freeze)
-            if run.freeze_bn or frozen:
+            if run.freeze_bn or any(f"{name}.".startswith(prefix) for prefix in frozen):
                 # FrozenBatchNorm2d's semantics in place: running statistics and affine fixed.
                 m.eval()
                 for p in m.parameters(recurse=False):
@@ -157,11 +197,28 @@ def _set_trainable(model: RegionCLIP, run) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _optimizer(params: list[nn.Parameter], o) -> torch.optim.Optimizer:
+def _frozen_backbone(model: RegionCLIP, run) -> list[str]:
+    """``run.trainable_backbone_layers`` (or torchvision's default) as frozen name prefixes."""
+    n = run.trainable_backbone_layers
+    if n is None:
+        weights = model.cfg.detector_weights
+        if model.cfg.checkpoint or not weights or weights == "none":
+            return []
+        n = 3
+    try:
+        return [f"proposals.detector.{p}" for p in frozen_backbone_prefixes(model.proposals.detector, n)]
+    except BadInput as exc:
+        raise BadConfig(f"train.{exc}") from None
+
+
+def _optimizer(params: list[nn.Parameter], o, box_head: nn.Module | None = None) -> torch.optim.Optimizer:
     # No weight decay on biases, norms, embeddings' scalars and the temperature (CLIP's recipe).
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    head = {id(p) for p in box_head.parameters()} if box_head is not None and o.box_head_lr else set()
+    groups = []
+    for lr, members in ((o.lr, [p for p in params if id(p) not in head]), (o.box_head_lr, [p for p in params if id(p) in head])):
+        for decay, picked in ((o.weight_decay, [p for p in members if p.ndim >= 2]), (0.0, [p for p in members if p.ndim < 2])):
+            if picked:
+                groups.append({"params": picked, "weight_decay": decay, "lr": lr})
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
@@ -187,6 +244,30 @@ def _dist_init(device_spec: str) -> tuple[int, int, str]:
     return (dist.get_rank() if world > 1 else 0), world, device_spec
 
 
+def run_stages(cfg: TrainConfig, resume: str | os.PathLike | None = None,
+               progress: Progress | None = None) -> TrainResult:
+    """Each of ``cfg.stages`` in turn, each in ``OUT/<name>/`` starting from the previous one's
+    model. With ``resume`` (any value), a stage continues from its own ``last.pt`` when it has one
+    (a finished one does nothing). The last stage's preset is copied to ``OUT/preset.yaml``."""
+    previous, result = None, None
+    for i, entry in enumerate(cfg.stages):
+        stage = stage_config(cfg, i, previous)
+        last = Path(stage.out_dir) / "last.pt"
+        name = entry["name"]
+
+        def tagged(event: dict, name=name) -> None:
+            progress({**event, "stage": name})
+
+        result = train(stage, resume=last if resume is not None and last.is_file() else None,
+                       progress=tagged if progress else None)
+        previous = Path(stage.out_dir)
+    out = Path(cfg.out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "preset.yaml").write_text((previous / "preset.yaml").read_text())
+    result.out_dir = out
+    return result
+
+
 def _all_mean(x: float, world: int, device: torch.device) -> float:
     """Mean of ``x`` over the processes. The tensor lives on ``device``: NCCL reduces only
     CUDA tensors, gloo CPU ones, and each process trains on the device its backend serves."""
@@ -205,8 +286,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     ``model.pt`` (``RegionCLIP.save``) with ``preset.yaml`` for ``regionclip detect --model``.
     ``progress`` (rank 0 only) receives ``{"step", "max_steps", "loss", "lr", "img_per_s"}``
     after every step and ``{"step", "eval": {...}}`` after every evaluation.
+
+    ``cfg.stage`` picks what trains (``finetune``: boxes; ``clip`` and ``region_pretrain``: see
+    ``stages.py``); a config with ``stages`` runs each in turn (``run_stages``).
     """
+    if cfg.stages:
+        return run_stages(cfg, resume, progress)
     rank, world, cfg.model.device = _dist_init(cfg.model.device)
+    if cfg.stage == "clip":  # whole images against captions: no proposals in the graph
+        cfg.train.train_proposals = False
     out = Path(cfg.out_dir)
     o, run, lc = cfg.optim, cfg.train, cfg.loss
     if o.batch_size % world:
@@ -217,8 +305,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     train_cats = (split["base"] if cfg.data.use_base_only else split["base"] + split["novel"]) if split else None
     train_set = CocoDetection(cfg.data.train_annotations, cfg.data.train_images, train_cats, train=True,
                               max_side=cfg.data.max_side, hflip_prob=cfg.data.hflip_prob)
+    if cfg.stage != "finetune" or lc.caption_regions:
+        train_set = captioned(train_set, cfg, split)
     val = None
-    if cfg.data.val_annotations:
+    if cfg.data.val_annotations and cfg.stage != "clip":  # AP means nothing before boxes
         val = CocoDetection(cfg.data.val_annotations, cfg.data.val_images,
                             split["base"] + split["novel"] if split else None)
     vocab = train_set.category_names
@@ -229,14 +319,29 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     model = RegionCLIP(config=cfg.model)
     model.proposals.detector.roi_heads.fg_bg_sampler.batch_size_per_image = lc.box_head_samples
     device = model.device
+    if cfg.stage == "finetune" and lc.box_regression_weight > 0 and model.box_head is None:
+        model.box_head = BoxRefiner(model.regions.embed_dim(), lc.box_head_hidden).to(device)
     precision = run.precision if run.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = autocast_for(precision, device)
     # fp16's narrow range needs loss scaling; bf16 and fp32 run with the scaler disabled.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = _set_trainable(model, run)
-    optimizer = _optimizer(params, o)
+    optimizer = _optimizer(params, o, model.box_head)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup_steps, o.max_steps))
-    loss_module = RegionTextLoss(model, cfg, world)
+    if cfg.stage == "clip":
+        loss_module = ImageTextLoss(model, cfg, world)
+    elif cfg.stage == "region_pretrain":
+        teacher = Teacher(cfg.pretrain.teacher, train_set.pool, device)
+        loss_module = RegionConceptLoss(model, teacher, train_set.pool, cfg, world, vocab)
+    else:
+        labeler = None
+        if lc.caption_regions:
+            teacher = Teacher(cfg.pretrain.teacher, train_set.pool, device)
+            labeler = RegionConceptLoss(model, teacher, train_set.pool, cfg, world, vocab)
+        loss_module = RegionTextLoss(model, cfg, world, vocab, captions=labeler)
+        if not run.train_text_tower:
+            with torch.no_grad(), autocast():
+                loss_module.text_emb = model.text.embed(loss_module.vocab).float()
     step_fn = loss_module if world == 1 else DistributedDataParallel(
         loss_module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=run.seed, drop_last=True)
@@ -296,10 +401,6 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
             best = ap[key]
             checkpoint("best.pt")
 
-    text_emb = None
-    if not run.train_text_tower:
-        with torch.no_grad(), autocast():
-            text_emb = model.text.embed(vocab).float()
     result = TrainResult(step=step, model=model, out_dir=out)
     loader = iter(_epoch_loader(train_set, sampler, epoch, position, per_rank, cfg))
     tick, seen, rate = time.perf_counter(), 0, 0.0
@@ -309,11 +410,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
             loader = iter(_epoch_loader(train_set, sampler, epoch, 0, per_rank, cfg))
         images, targets = next(loader)
         images = [img.to(device) for img in images]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
 
         batch = ImageBatch.from_tensors(images)
         with autocast():
-            losses, _ = step_fn(batch, targets, vocab, text_emb)
+            losses, _ = step_fn(batch, targets)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # fp16: the loss is scaled so small gradients survive
@@ -352,6 +453,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         preset = to_dict(model.cfg)
         preset["checkpoint"] = str((out / "model.pt").resolve())
         preset["device"] = "auto"
+        preset["regions"]["box_refinement"] = model.box_head is not None
         # Score with the temperature training learned (the checkpoint's logit_scale), as training did.
         preset["scoring"]["logit_scale"] = None
         out.joinpath("preset.yaml").write_text(

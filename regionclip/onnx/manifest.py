@@ -1,0 +1,96 @@
+"""``manifest.json``: what an export folder holds and everything the runtime needs besides the graphs.
+
+Each graph is listed with its file, SHA-256 and input/output names, so a missing, truncated or
+swapped file is one line naming it, before onnxruntime reads anything. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import WeightsUnavailable
+
+FORMAT = "regionclip-onnx/1"
+# RoiAlign's half_pixel mode (torchvision's aligned=True) needs 16; 17 writes LayerNorm as one op.
+OPSET = 17
+MANIFEST = "manifest.json"
+# name -> (file, input names, output names); the runtime feeds and reads exactly these.
+GRAPHS = {
+    "proposals": ("proposals.onnx", ["image"], None),  # outputs: objectness_{i}, deltas_{i} per level
+    "regions": ("regions.onnx", ["image", "boxes"], ["embeddings"]),  # + deltas with a box head
+    "text": ("text.onnx", ["tokens"], ["features"]),
+    "scoring": ("scoring.onnx", ["regions", "text"], ["logits", "probabilities"]),
+}
+_REEXPORT = "export it again: regionclip export --model MODEL --format onnx --out DIR"
+
+
+def graph_outputs(manifest: dict, name: str) -> list[str]:
+    """The output names graph ``name`` of this export has: ``GRAPHS``'s, the proposal graph's per
+    level as recorded, and the regions graph's ``deltas`` when the export refines boxes."""
+    if GRAPHS[name][2] is None:
+        return list(manifest["graphs"][name]["outputs"])
+    if name == "regions" and manifest.get("box_head"):
+        return [*GRAPHS[name][2], manifest["box_head"]["output"]]
+    return list(GRAPHS[name][2])
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a ``manifest.json`` (an ``export_onnx`` output)."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike, data: dict) -> Path:
+    """Write ``data`` as ``folder/manifest.json`` atomically; returns the path."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
+    """The manifest of export folder ``folder``; with ``verify`` every file it lists must exist
+    with the SHA-256 recorded at export. Raises ``WeightsUnavailable`` (one line) otherwise."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        what = "no such folder" if not folder.exists() else f"no {MANIFEST} in it"
+        raise WeightsUnavailable(f"{folder} is not an ONNX export ({what}): {_REEXPORT}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailable(f"{path}: not a readable manifest ({type(exc).__name__}): {_REEXPORT}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise WeightsUnavailable(f"{path}: format {found!r}, this regionclip reads {FORMAT!r}: {_REEXPORT}")
+    files = {name: entry for name, entry in data.get("graphs", {}).items()}
+    missing = [n for n in GRAPHS if n not in files]
+    if missing:
+        raise WeightsUnavailable(f"{path} lists no {missing[0]} graph: {_REEXPORT}")
+    if verify:
+        for entry in [*files.values(), data["tokenizer"]]:
+            check_file(folder, entry)
+    return data
+
+
+def check_file(folder: Path, entry: dict) -> Path:
+    """``folder / entry["file"]``, which must exist with digest ``entry["sha256"]``."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise WeightsUnavailable(f"{path} is missing from the ONNX export: {_REEXPORT}")
+    if file_digest(path) != entry["sha256"]:
+        raise WeightsUnavailable(f"{path} is not the file this export wrote (its SHA-256 differs from "
+                                 f"{MANIFEST}'s; replaced or damaged): {_REEXPORT}")
+    return path

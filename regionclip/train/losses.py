@@ -1,0 +1,91 @@
+"""The losses of the three training stages, as plain functions of embeddings.
+
+- ``clip_loss``: CLIP's symmetric InfoNCE (image->text and text->image cross-entropy over the
+  batch, the matching pair on the diagonal), on features gathered from every DDP rank.
+- ``pseudo_labels``: RegionCLIP's region-concept pseudo labels from a teacher's scores.
+- ``distill_loss``: KL from the teacher's soft labels over the concept pool to the student's.
+- ``box_regression_loss``: Fast R-CNN's smooth L1 on class-agnostic box deltas.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+
+
+def gather_features(x: torch.Tensor, world: int) -> torch.Tensor:
+    """(B, D) per rank -> (world * B, D), rank order, gradients flowing back to each rank's part.
+
+    The autograd all-gather sums every rank's gradient of the (identical) global loss into the
+    local part, ``world`` times the single-process gradient; DDP's averaging divides it back, so
+    the update equals one process training on the global batch.
+    """
+    if world == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of (N, D) unit image and text embeddings, pair i matching i:
+    the mean of the image->text and text->image cross-entropies at temperature ``1 / scale``."""
+    logits = scale * image @ text.t()
+    target = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def pseudo_labels(probs: torch.Tensor, counts: Sequence[int], concepts: Sequence[torch.Tensor],
+                  threshold: float, top_k: int, eligible: torch.Tensor | None = None,
+                  rank: torch.Tensor | None = None) -> torch.Tensor:
+    """RegionCLIP's pseudo labels: (N,) concept index per proposal, -1 where none.
+
+    ``probs`` (N, C): the teacher's softmax over the whole concept pool for the proposals of a
+    batch, ``counts[i]`` of them belonging to image i, whose candidate concepts are
+    ``concepts[i]`` (pool indices: what its captions mention). A proposal takes the candidate the
+    teacher rates highest when its share among the candidates reaches ``threshold``; each concept
+    keeps the ``top_k`` proposals of the image the teacher rates highest for it (by the pool-wide
+    probability, which says how much the crop looks like the concept at all, where the share
+    among one or two candidates cannot), or by ``rank`` (N, C) when given. ``eligible`` (N,)
+    bool limits which proposals may take one.
+    """
+    rank = probs if rank is None else rank
+    labels = torch.full((len(probs),), -1, dtype=torch.long, device=probs.device)
+    start = 0
+    for n, mentioned in zip(counts, concepts):
+        mentioned = torch.as_tensor(mentioned, dtype=torch.long, device=probs.device)
+        if n and len(mentioned):
+            p = probs[start:start + n, mentioned]
+            share, best = (p / p.sum(dim=1, keepdim=True).clamp(min=1e-12)).max(dim=1)
+            ok = share >= threshold
+            if eligible is not None:
+                ok &= eligible[start:start + n]
+            for j in range(len(mentioned)):
+                rows = torch.nonzero((best == j) & ok).flatten()
+                rows = rows[rank[start + rows, mentioned[j]].argsort(descending=True)[:top_k]]
+                labels[start + rows] = mentioned[j]
+        start += n
+    return labels
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(teacher || student) per region, both softmaxes over the same concept pool."""
+    return F.kl_div(F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
+                    reduction="none", log_target=True).sum(dim=1)
+
+
+def box_regression_loss(deltas: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) smooth L1 summed over the 4 deltas, with torchvision's ``beta = 1 / 9``."""
+    return F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none").sum(dim=1)
+
+
+def mean_count(n: float, world: int, device: torch.device) -> float:
+    """Mean of ``n`` over the processes, at least 1: losses divide by it so DDP's gradient
+    averaging yields the global mean."""
+    if world > 1:
+        t = torch.tensor([n], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        n = float(t)
+    return max(1.0, n / world)
