@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from regionclip import RegionCLIP  # noqa: E402
+from regionclip.box_head import BoxRefiner  # noqa: E402
 from regionclip.data.shapes import CATEGORIES, render_shapes_image  # noqa: E402
 from regionclip.errors import BadConfig, RegionClipError, WeightsUnavailable  # noqa: E402
 from regionclip.onnx import OnnxDetector, OnnxUnavailable, export_onnx, ops  # noqa: E402
@@ -124,6 +125,42 @@ def test_pool_encoders_match_torch(arch, tmp_path):
         kw = {"score_threshold": 0.0, "agnostic_nms": False, "top_k": 1}
         assert_same(model.detect(img, ["red circle", "green square"], **kw),
                     net.detect(img, ["red circle", "green square"], **kw), f"{arch} {size}")
+
+
+@pytest.mark.parametrize("arch, mode, gain", [("vit", "crop", 5.0), ("rn", "pool", 40.0)])
+def test_box_refinement_matches_torch(arch, mode, gain, tmp_path):
+    """A model with a box head (hidden layer, weights scaled up so boxes move by pixels): the
+    regions graph gives the deltas, the runtime decodes and clips them as RegionCLIP.refine does
+    and scores the proposals' embeddings, as detect_batch does."""
+    regions = {"pool_short_side": 96, "pool_max_side": 160} if mode == "pool" else {}
+    model = tiny_model(arch, mode, proposals={"num_proposals": 30}, regions=regions)
+    head = BoxRefiner(model.regions.embed_dim(), hidden=16)
+    with torch.no_grad():
+        head.bbox_pred.weight.mul_(gain)
+    model.box_head = head.eval()
+    model.cfg.regions.box_refinement = True
+    export_onnx(model, tmp_path)
+    net = OnnxDetector(tmp_path)
+    assert net.manifest["box_head"]["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert net.manifest["box_head"]["hidden"] == 16
+    assert net.manifest["graphs"]["regions"]["outputs"] == ["embeddings", "deltas"]
+
+    img = shapes(4, (120, 160))
+    batch = model.batch(model.load([img]))
+    with torch.no_grad():
+        proposals, _ = model.propose(batch)
+        want = model.refine(batch, proposals, model.embed(batch, proposals, raw=True))[0]
+    x = np.ascontiguousarray(img.transpose(2, 0, 1)).astype(np.float32) / np.float32(255)
+    emb, deltas = net.embed_with_deltas(x, proposals[0].numpy())
+    got = net.refine(proposals[0].numpy(), deltas, (120, 160))
+    moved = (want - proposals[0]).abs().mean().item()
+    assert moved > 2.0, f"the head moves boxes by {moved:.2f} px on average: too little to test refinement"
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-3)
+    np.testing.assert_allclose(emb, model.embed(batch, proposals).detach().numpy(), atol=1e-5)
+    img, kw = shapes(1, (150, 100)), {"score_threshold": 0.0, "agnostic_nms": False, "top_k": 1}
+    want = model.detect(img, ["red circle", "green square"], **kw)
+    assert_same(want, net.detect(img, ["red circle", "green square"], **kw), f"{arch} refined")
+    assert len(want) >= 5
 
 
 def test_numpy_stages_match_torch():

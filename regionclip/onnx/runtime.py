@@ -1,11 +1,11 @@
 """``OnnxDetector``: an ONNX export (``export_onnx``) run with onnxruntime and numpy, no torch.
 
 The same stages as ``RegionCLIP`` for one image at a time: ``propose`` -> ``embed`` (->
-``refine`` for an export with a box head) -> ``probabilities`` (the scoring graph over any vocabulary) -> ``postprocess``. Labels are encoded
-by the exported text graph and cached per label, or come from an embeddings array / file, so a
-new vocabulary never needs a new export. ``predict`` is the torch-free entry point (numpy in,
-numpy out); ``detect`` mirrors ``RegionCLIP.detect`` and imports torch for decoding files and
-for ``Detections``.
+``refine`` for an export with a box head) -> ``probabilities`` (the scoring graph over any
+vocabulary) -> ``postprocess``. Labels are encoded by the exported text graph and cached per
+label, or come from an embeddings array / file, so a new vocabulary never needs a new export.
+``predict`` is the torch-free entry point (numpy in, numpy out); ``detect`` mirrors
+``RegionCLIP.detect`` and imports torch for decoding files and for ``Detections``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ class OnnxDetector:
         r = self.manifest["regions"]
         boxes = np.asarray(boxes, dtype=F32).reshape(-1, 4)
         if not len(boxes):
-            return np.zeros((0, self.embed_dim), dtype=F32), np.zeros((0, 4), dtype=F32) if self.refines_boxes else None
+            empty = np.zeros((0, self.embed_dim), dtype=F32)
+            return empty, (np.zeros((0, 4), dtype=F32) if self.refines_boxes else None)
         if r["mode"] == "crop":
             outs = self._embed_crops(ops.normalize(image, r["mean"], r["std"]), boxes)
         else:
