@@ -17,6 +17,11 @@ import torch
 from regionclip import RegionCLIP
 from regionclip.weights import register_clip_config
 
+# pytest-xdist runs the suite in two worker processes (pyproject's addopts): one torch thread each
+# keeps the two cores busy without four threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Tiny open_clip architectures; the text side keeps the standard tokenizer (vocab 49408, ctx 77).
 TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
 TINY_CONFIGS = {

@@ -27,6 +27,9 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+# Registered here too, not only by a training run's clip_configs: tests that build the model
+# before training must not depend on which test ran first (xdist splits them across workers).
+register_clip_config("train-vit-tiny", TINY_CLIP)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -126,7 +126,7 @@ def test_box_regression_loss_is_zero_on_target_and_smooth_l1_off_it():
 
 def _stage(shapes, out, stage: str, **sections):
     base = dict(optim={"max_steps": 4, "batch_size": 4, "warmup_steps": 1},
-                train={"ckpt_every": 2, "log_every": 1, "num_workers": 0},
+                train={"ckpt_every": 4, "log_every": 1, "num_workers": 0},
                 clip={"image_size": 48})
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
@@ -163,9 +163,8 @@ def test_caption_stages_lower_their_loss_and_resume_exactly(stage, tiny_shapes, 
         if event.get("step") == 5:
             raise Stop
     with pytest.raises(Stop):  # killed after step 5, the last checkpoint at step 4
-        train(_stage_run(stage, tiny_shapes, tmp_path / "b", clip_model, train={"ckpt_every": 4}), progress=stop_at_5)
-    resumed = train(_stage_run(stage, tiny_shapes, tmp_path / "b", clip_model, train={"ckpt_every": 4}),
-                    resume=tmp_path / "b" / "last.pt")
+        train(_stage_run(stage, tiny_shapes, tmp_path / "b", clip_model), progress=stop_at_5)
+    resumed = train(_stage_run(stage, tiny_shapes, tmp_path / "b", clip_model), resume=tmp_path / "b" / "last.pt")
     # The same losses as the uninterrupted run (caption draws and flips included).
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]))
 
