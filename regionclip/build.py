@@ -62,7 +62,7 @@ def load_parts(cfg: ModelConfig) -> Parts:
                 f"{clip_res.path} does not fit CLIP {cfg.clip_model} ({type(exc).__name__}): "
                 "pass a checkpoint of that architecture"
             ) from None
-    return Parts(clip, build_detector(det_res), clip_res.key)
+    return Parts(clip, build_detector(det_res, head_width=cfg.proposals.box_head_width), clip_res.key)
 
 
 def load_checkpoint(cfg: ModelConfig) -> Parts:
@@ -96,7 +96,8 @@ def load_checkpoint(cfg: ModelConfig) -> Parts:
         raise BadConfig(f"{path} holds a detectron2 R50-{layout.upper()} RPN: set detector to "
                         f"{next(k for k, v in DETECTRON2_DETECTORS.items() if v == layout)}")
     else:
-        detector = build_detector(W.Resolved(cfg.detector, "checkpoint", None), det_state)
+        detector = build_detector(W.Resolved(cfg.detector, "checkpoint", None), det_state,
+                                  head_width=cfg.proposals.box_head_width)
     # Box head and background: stored by RegionCLIP.save, or RegionCLIP's fine-tuned predictor
     # as `regionclip import` keeps it (bbox_pred.*, cls_bg_score.weight).
     predictor = ckpt.get("box_predictor") or {}

@@ -40,7 +40,9 @@ DEFAULT_TEMPLATES = [
 
 @dataclass
 class ProposalConfig:
-    source: str = "rpn"  # rpn: RPN boxes with objectness; final: box-head output merged across classes
+    # rpn: RPN boxes with objectness; refined: the same, moved by the detector's second-stage box
+    # regression; final: box-head output merged across classes, scored by its classifier.
+    source: str = "rpn"
     num_proposals: int = 300  # kept per image after the RPN's NMS; the main cost driver of region stages
     pre_nms_top_n: int = 1000  # per feature level, before the RPN's NMS
     nms_threshold: float = 0.7
@@ -49,6 +51,9 @@ class ProposalConfig:
     # Multiplies every RPN anchor size (torchvision: 32..512 px). 0.5 suits small objects at native
     # resolution, far cheaper than upsampling the image; the anchor count, so the weights, is unchanged.
     anchor_scale: float = 1.0
+    # Width of the detector's second stage (two FC layers + predictor) when it is built untrained;
+    # None: torchvision's 1024 (12.8M weights on a MobileNet FPN). A checkpoint's own width wins.
+    box_head_width: int | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
@@ -21,21 +22,23 @@ from .config import ProposalConfig
 from .errors import BadInput, WeightsUnavailable
 from .weights import Resolved, load_state
 
-SOURCES = ("rpn", "final")
+SOURCES = ("rpn", "refined", "final")
 # The second stage: unused with source="rpn", and most of a small detector's weights.
 HEAD_PREFIXES = ("roi_heads.box_head.", "roi_heads.box_predictor.")
 
 
-def build_detector(resolved: Resolved, state: dict | None = None) -> FasterRCNN:
+def build_detector(resolved: Resolved, state: dict | None = None, head_width: int | None = None) -> FasterRCNN:
     """Build ``resolved.model`` and load its weights (``state`` wins over ``resolved.path``).
 
     The class count follows the checkpoint, so class-agnostic proposal detectors trained by
-    ``regionclip train`` (2 classes) load as well as torchvision's COCO ones (91).
+    ``regionclip train`` (2 classes) load as well as torchvision's COCO ones (91). So does the
+    second stage's width: ``head_width`` (``proposals.box_head_width``) builds a narrower one
+    than torchvision's 1024 when the checkpoint holds none.
     """
     if state is None and resolved.path is not None:
         state = load_state(resolved.path)
         state = state.get("model", state) if isinstance(state, dict) else state
-    num_classes = 91
+    num_classes = 91 if head_width is None else 2
     if state is not None:
         if "rpn.head.cls_logits.weight" not in state:
             raise WeightsUnavailable(
@@ -44,9 +47,17 @@ def build_detector(resolved: Resolved, state: dict | None = None) -> FasterRCNN:
             )
         cls = state.get("roi_heads.box_predictor.cls_score.weight")
         num_classes = cls.shape[0] if cls is not None else 2
+        fc6 = state.get("roi_heads.box_head.fc6.weight")
+        head_width = int(fc6.shape[0]) if fc6 is not None else head_width
     model = torchvision.models.get_model(
         resolved.model, weights=None, weights_backbone=None, num_classes=num_classes
     )
+    if head_width is not None and head_width != model.roi_heads.box_head.fc7.out_features:
+        # torchvision's builders fix the width at 1024: 12.8M of a MobileNet detector's 19M weights.
+        pooled = model.roi_heads.box_roi_pool.output_size
+        side = pooled if isinstance(pooled, int) else pooled[0]
+        model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * side * side, head_width)
+        model.roi_heads.box_predictor = FastRCNNPredictor(head_width, num_classes)
     if state is not None:
         try:
             # regionclip saves RPN-only detectors without the box head (see RegionCLIP.save);
@@ -91,6 +102,9 @@ class ProposalStage(nn.Module):
     """Class-agnostic boxes with an objectness score, in original-image pixels.
 
     ``source="rpn"``: RPN proposals after its NMS, scored by sigmoid objectness.
+    ``source="refined"``: the same proposals and objectness, each box moved by the second stage's
+    class-agnostic regression (its classifier is not used: trained on base boxes only, it would
+    call every unlabelled object background).
     ``source="final"``: the box head's per-class outputs merged across classes (class-agnostic
     NMS), scored by the best class probability.
     """
@@ -104,10 +118,10 @@ class ProposalStage(nn.Module):
         self.configure(cfg)
 
     def configure(self, cfg: ProposalConfig) -> None:
-        if cfg.source == "final" and not getattr(self.detector, "has_box_head", True):
+        if cfg.source != "rpn" and not getattr(self.detector, "has_box_head", True):
             raise WeightsUnavailable(
-                "this detector checkpoint was saved without its box head (RPN-only training); "
-                "use proposals.source=rpn"
+                f"proposals.source={cfg.source} needs the detector's second stage, and this checkpoint was "
+                "saved without its box head (RPN-only training): use proposals.source=rpn"
             )
         if cfg.anchor_scale <= 0:
             raise BadInput(f"proposals.anchor_scale must be positive, got {cfg.anchor_scale}")
@@ -212,6 +226,8 @@ class ProposalStage(nn.Module):
         scores = raw if logits else [torch.sigmoid(r) for r in raw]
         if self.cfg.source == "final":
             boxes, scores = self._final_boxes(batch, features, boxes)
+        elif self.cfg.source == "refined":
+            boxes = self._refined_boxes(batch, features, boxes)
         return [
             (resize_boxes(b, resized, orig), s)
             for b, s, resized, orig in zip(boxes, scores, batch.image_sizes, original_sizes)
@@ -228,6 +244,20 @@ class ProposalStage(nn.Module):
             out_scores.append(d["scores"][keep])
         return out_boxes, out_scores
 
+    def _refined_boxes(self, batch, features, proposals):
+        """Each proposal moved by the second stage's regression for its most likely object class
+        (the one class of a class-agnostic head), clipped to its image."""
+        heads = self.detector.roi_heads
+        if not sum(len(p) for p in proposals):
+            return proposals
+        x = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        class_logits, deltas = heads.box_predictor(x)
+        best = class_logits[:, 1:].argmax(dim=1) + 1
+        deltas = deltas.view(len(x), -1, 4)[torch.arange(len(x), device=x.device), best]
+        moved = heads.box_coder.decode(deltas[:, None], proposals)[:, 0]
+        parts = moved.split([len(p) for p in proposals])
+        return [clip_boxes_to_image(b, size) for b, size in zip(parts, batch.image_sizes)]
+
     def forward_train(
         self, images: list[torch.Tensor], targets: list[dict]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -238,7 +268,7 @@ class ProposalStage(nn.Module):
         (every object is class 1). Returns ``(proposals, losses)``: proposals as ``forward``
         gives them (RPN boxes with objectness, detached, in input pixels, for either
         ``source``: a training step samples from the RPN's candidates), losses including the
-        box head's with ``source="final"`` so it trains too.
+        box head's with ``source`` "final" or "refined" so it trains too.
         """
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         agnostic = [
@@ -248,9 +278,10 @@ class ProposalStage(nn.Module):
         features = self.detector.backbone(batch.tensors)
         boxes, raw, losses = self._rpn(batch, features, agnostic)
         scores = [torch.sigmoid(r) for r in raw]
-        if self.cfg.source == "final":
+        if self.cfg.source != "rpn":
             _, head_losses = self.detector.roi_heads(features, boxes, batch.image_sizes, agnostic)
-            losses = {**losses, **head_losses}
+            # Named apart from the region box head's loss_box_reg (regionclip/box_head.py).
+            losses = {**losses, **{f"loss_det_{k[5:]}": v for k, v in head_losses.items()}}
         proposals = [
             (resize_boxes(b, resized, orig), s)
             for b, s, resized, orig in zip(boxes, scores, batch.image_sizes, original_sizes)

@@ -271,6 +271,7 @@ def test_clear_errors(demo, exported, monkeypatch, capsys, tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "onnxruntime is not installed" in lines[0], err
     monkeypatch.undo()
-    model = tiny_model("vit", "crop", proposals={"source": "final"})
-    with pytest.raises(BadConfig, match="proposals.source=final"):
-        export_onnx(model, tmp_path / "y")
+    for source in ("final", "refined"):  # the detector's second stage is not exported
+        model = tiny_model("vit", "crop", proposals={"source": source})
+        with pytest.raises(BadConfig, match=f"proposals.source={source}"):
+            export_onnx(model, tmp_path / "y")

@@ -283,6 +283,62 @@ def test_box_refinement_moves_loose_boxes_onto_their_objects(tiny_shapes, tmp_pa
     assert refined > raw + 0.1, (raw, refined)
 
 
+def test_refined_proposals_move_loose_boxes_onto_their_objects(tiny_shapes, tmp_path, monkeypatch):
+    """proposals.source=refined: a narrow second stage (box_head_width), trained from a checkpoint
+    that has none, moves fresh loose boxes closer to their objects; the preset written at the end
+    loads it and proposes with it."""
+    from regionclip import RegionCLIP
+    from regionclip.batch import ImageBatch
+    from regionclip.data import CocoDetection
+    from regionclip.proposals import ProposalStage
+    from torchvision.ops import box_iou
+
+    g = torch.Generator().manual_seed(0)
+    real = ProposalStage._rpn
+
+    def loose_rpn(self, images, features, targets=None):  # training proposals: loose boxes around the objects
+        boxes, scores, losses = real(self, images, features, targets)
+        if targets is not None:
+            boxes = [_loose(t["boxes"], g).repeat(4, 1) for t in targets]
+            scores = [torch.ones(len(b)) for b in boxes]
+        return boxes, scores, losses
+
+    monkeypatch.setattr(ProposalStage, "_rpn", loose_rpn)
+    start = tiny_config(tiny_shapes, tmp_path / "rpn_only", optim={"max_steps": 1}, train={"ckpt_every": 1})
+    train(start)  # an RPN-only checkpoint: no second stage stored
+    proposals = {"num_proposals": 30, "min_size": 64, "max_size": 64, "anchor_scale": 0.5,
+                 "source": "refined", "box_head_width": 32}
+    cfg = tiny_config(tiny_shapes, tmp_path / "refined",
+                      model={"checkpoint": str(tmp_path / "rpn_only" / "model.pt"), "proposals": proposals},
+                      optim={"max_steps": 40, "lr": 1e-2, "warmup_steps": 5, "batch_size": 4},
+                      loss={"box_head_samples": 64, "positive_samples": 0, "background_samples": 0},
+                      train={"ckpt_every": 40, "log_every": 10, "train_image_tower": False, "train_text_tower": False,
+                             "freeze": ["proposals.detector.backbone", "proposals.detector.rpn"]},
+                      data={"hflip_prob": 0.0})
+    train(cfg)
+    lines = [yaml.safe_load(x) for x in (tmp_path / "refined" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_det_box_reg" in r for r in lines)
+    model = RegionCLIP.from_pretrained(str(tmp_path / "refined" / "preset.yaml"), device="cpu")
+    assert model.cfg.proposals.source == "refined"
+    assert model.proposals.detector.roi_heads.box_head.fc7.out_features == 32
+    data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], max_side=64)
+    g.manual_seed(123)  # new draws, never trained on
+    stage, raw_iou, refined_iou = model.proposals, [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            image, target = data[i]
+            if not len(target["boxes"]):
+                continue
+            loose = _loose(target["boxes"], g)
+            batch, _ = stage.detector.transform([image])  # 64 px in, 64 px out: no rescaling
+            moved = stage._refined_boxes(batch, stage.detector.backbone(batch.tensors), [loose])[0]
+            raw_iou.append(box_iou(loose, target["boxes"]).diagonal())
+            refined_iou.append(box_iou(moved, target["boxes"]).diagonal())
+        assert len(model.propose(ImageBatch.from_tensors([image]))[0][0])
+    raw, refined = float(torch.cat(raw_iou).mean()), float(torch.cat(refined_iou).mean())
+    assert refined > raw + 0.1, (raw, refined)
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_training_configs_load_with_every_stage(path):
     cfg = load_train_config(path)

@@ -203,7 +203,7 @@ def check_exportable(model: RegionCLIP) -> None:
     elif det.transform.fixed_size is not None:
         why = "a detector with a fixed input size is not supported"
     elif cfg.proposals.source != "rpn":
-        why = "proposals.source=final (the detector's box head) is not supported: use proposals.source=rpn"
+        why = f"proposals.source={cfg.proposals.source} (the detector's box head) is not supported: use proposals.source=rpn"
     elif model.refines_boxes and not isinstance(model.box_head, BoxRefiner):
         why = f"the box head {type(model.box_head).__name__} is not a BoxRefiner: set regions.box_refinement=false"
     elif cfg.scoring.recipe != "default":

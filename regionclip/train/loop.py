@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,6 +173,19 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
     return {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
 
 
+def _build(model_cfg, run) -> RegionCLIP:
+    """The model a run starts from. A detector second stage (``proposals.source`` refined or
+    final) that the checkpoint lacks starts untrained when the proposals train: inference
+    refuses such a checkpoint, training is where the head comes from."""
+    if model_cfg.proposals.source == "rpn" or not run.train_proposals:
+        return RegionCLIP(config=model_cfg)
+    model = RegionCLIP(config=replace(model_cfg, proposals=replace(model_cfg.proposals, source="rpn")))
+    model.proposals.detector.has_box_head = True
+    model.cfg.proposals = model_cfg.proposals
+    model.proposals.configure(model_cfg.proposals)
+    return model
+
+
 def _set_trainable(model: RegionCLIP, run) -> list[nn.Parameter]:
     visual = {id(p) for p in model.clip.visual.parameters()}
     for p in model.clip.parameters():
@@ -316,7 +329,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     for name, arch in cfg.clip_configs.items():
         register_clip_config(name, arch)
     torch.manual_seed(run.seed)
-    model = RegionCLIP(config=cfg.model)
+    model = _build(cfg.model, run)
     model.proposals.detector.roi_heads.fg_bg_sampler.batch_size_per_image = lc.box_head_samples
     device = model.device
     if cfg.stage == "finetune" and lc.box_regression_weight > 0 and model.box_head is None:
