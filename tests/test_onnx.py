@@ -1,6 +1,7 @@
 """ONNX export + the onnxruntime detector against torch: the demo model, new vocabularies, image
 sizes, the pool encoders (tiny models), torch-free inference, and broken exports as one line."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -125,6 +126,37 @@ def test_pool_encoders_match_torch(arch, tmp_path):
         kw = {"score_threshold": 0.0, "agnostic_nms": False, "top_k": 1}
         assert_same(model.detect(img, ["red circle", "green square"], **kw),
                     net.detect(img, ["red circle", "green square"], **kw), f"{arch} {size}")
+
+
+def test_second_stage_refinement_matches_torch(tmp_path):
+    """proposals.source=refined: the proposal graph also gives the backbone's maps, the second
+    stage graph the class scores and deltas of the RPN's boxes; the runtime moves the boxes as
+    ProposalStage._refined_boxes does (weights scaled up so boxes move by pixels)."""
+    model = tiny_model("vit", "crop", proposals={"num_proposals": 30, "source": "refined", "box_head_width": 16})
+    with torch.no_grad():
+        model.proposals.detector.roi_heads.box_predictor.bbox_pred.weight.mul_(30.0)
+    export_onnx(model, tmp_path)
+    net = OnnxDetector(tmp_path)
+    assert net.manifest["second_stage"]["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert net.manifest["graphs"]["second_stage"]["inputs"][-1] == "boxes"
+    refined = model.cfg.proposals
+    for seed, size in enumerate([(120, 160), (150, 100)]):
+        img = shapes(seed, size)
+        batch = model.batch(model.load([img]))
+        with torch.no_grad():
+            (want,), (obj,) = model.propose(batch)
+            model.proposals.configure(dataclasses.replace(refined, source="rpn"))
+            (rpn,), _ = model.propose(batch)
+            model.proposals.configure(refined)
+        x = np.ascontiguousarray(img.transpose(2, 0, 1)).astype(np.float32) / np.float32(255)
+        got, got_obj = net.propose(x)
+        moved = (want - rpn).abs().mean().item()
+        assert moved > 1.0, f"the second stage moves boxes by {moved:.2f} px on average: too little to test it"
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-3)
+        np.testing.assert_allclose(got_obj, obj.numpy(), atol=1e-5)
+        kw = {"score_threshold": 0.0, "agnostic_nms": False, "top_k": 1}
+        assert_same(model.detect(img, ["red circle", "green square"], **kw),
+                    net.detect(img, ["red circle", "green square"], **kw), f"refined {size}")
 
 
 @pytest.mark.parametrize("arch, mode, gain", [("vit", "crop", 5.0), ("rn", "pool", 40.0)])
@@ -271,7 +303,6 @@ def test_clear_errors(demo, exported, monkeypatch, capsys, tmp_path):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "onnxruntime is not installed" in lines[0], err
     monkeypatch.undo()
-    for source in ("final", "refined"):  # the detector's second stage is not exported
-        model = tiny_model("vit", "crop", proposals={"source": source})
-        with pytest.raises(BadConfig, match=f"proposals.source={source}"):
-            export_onnx(model, tmp_path / "y")
+    model = tiny_model("vit", "crop", proposals={"source": "final"})  # scored by the detector's classifier
+    with pytest.raises(BadConfig, match="proposals.source=final"):
+        export_onnx(model, tmp_path / "y")

@@ -243,13 +243,30 @@ def _loose(boxes: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return boxes + (grow + (torch.rand(boxes.shape, generator=g) * 2 - 1) * 0.05) * size
 
 
+def _loose_box_iou(shapes, g: torch.Generator, move) -> tuple[float, float]:
+    """Mean IoU with their objects of fresh loose boxes (``_loose``, new draws from ``g``) around
+    every training object, before and after ``move(image, loose_boxes)``."""
+    from regionclip.data import CocoDetection
+    from torchvision.ops import box_iou
+
+    data = CocoDetection(shapes["train_annotations"], shapes["train_images"], max_side=64)
+    g.manual_seed(123)  # new draws, never trained on
+    raw_iou, moved_iou = [], []
+    with torch.no_grad():
+        for i in range(len(data)):
+            image, target = data[i]
+            if len(target["boxes"]):
+                loose = _loose(target["boxes"], g)
+                raw_iou.append(box_iou(loose, target["boxes"]).diagonal())
+                moved_iou.append(box_iou(move(image, loose), target["boxes"]).diagonal())
+    return float(torch.cat(raw_iou).mean()), float(torch.cat(moved_iou).mean())
+
+
 def test_box_refinement_moves_loose_boxes_onto_their_objects(tiny_shapes, tmp_path, monkeypatch):
     """Trained on loose boxes around the objects as the sampled proposals, the box head brings
     fresh loose boxes (new draws) closer to their objects than they were."""
     import regionclip.train.loop as loop
     from regionclip.batch import ImageBatch
-    from regionclip.data import CocoDetection
-    from torchvision.ops import box_iou
 
     g = torch.Generator().manual_seed(0)
     real = loop.sample_regions
@@ -266,20 +283,11 @@ def test_box_refinement_moves_loose_boxes_onto_their_objects(tiny_shapes, tmp_pa
                       train={"train_proposals": False, "ckpt_every": 40, "log_every": 10},
                       data={"hflip_prob": 0.0})
     model = train(cfg).model.eval()
-    data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], max_side=64)
-    g.manual_seed(123)  # new draws, never trained on
-    raw_iou, refined_iou = [], []
-    with torch.no_grad():
-        for i in range(len(data)):
-            image, target = data[i]
-            if not len(target["boxes"]):
-                continue
-            loose = _loose(target["boxes"], g)
-            batch = ImageBatch.from_tensors([image])
-            moved = model.refine(batch, [loose], model.embed(batch, [loose], raw=True))[0]
-            raw_iou.append(box_iou(loose, target["boxes"]).diagonal())
-            refined_iou.append(box_iou(moved, target["boxes"]).diagonal())
-    raw, refined = float(torch.cat(raw_iou).mean()), float(torch.cat(refined_iou).mean())
+    def move(image, loose):
+        batch = ImageBatch.from_tensors([image])
+        return model.refine(batch, [loose], model.embed(batch, [loose], raw=True))[0]
+
+    raw, refined = _loose_box_iou(tiny_shapes, g, move)
     assert refined > raw + 0.1, (raw, refined)
 
 
@@ -289,9 +297,7 @@ def test_refined_proposals_move_loose_boxes_onto_their_objects(tiny_shapes, tmp_
     loads it and proposes with it."""
     from regionclip import RegionCLIP
     from regionclip.batch import ImageBatch
-    from regionclip.data import CocoDetection
     from regionclip.proposals import ProposalStage
-    from torchvision.ops import box_iou
 
     g = torch.Generator().manual_seed(0)
     real = ProposalStage._rpn
@@ -321,22 +327,26 @@ def test_refined_proposals_move_loose_boxes_onto_their_objects(tiny_shapes, tmp_
     model = RegionCLIP.from_pretrained(str(tmp_path / "refined" / "preset.yaml"), device="cpu")
     assert model.cfg.proposals.source == "refined"
     assert model.proposals.detector.roi_heads.box_head.fc7.out_features == 32
-    data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], max_side=64)
-    g.manual_seed(123)  # new draws, never trained on
-    stage, raw_iou, refined_iou = model.proposals, [], []
-    with torch.no_grad():
-        for i in range(len(data)):
-            image, target = data[i]
-            if not len(target["boxes"]):
-                continue
-            loose = _loose(target["boxes"], g)
-            batch, _ = stage.detector.transform([image])  # 64 px in, 64 px out: no rescaling
-            moved = stage._refined_boxes(batch, stage.detector.backbone(batch.tensors), [loose])[0]
-            raw_iou.append(box_iou(loose, target["boxes"]).diagonal())
-            refined_iou.append(box_iou(moved, target["boxes"]).diagonal())
-        assert len(model.propose(ImageBatch.from_tensors([image]))[0][0])
-    raw, refined = float(torch.cat(raw_iou).mean()), float(torch.cat(refined_iou).mean())
+    stage = model.proposals
+
+    def move(image, loose):
+        batch, _ = stage.detector.transform([image])  # 64 px in, 64 px out: no rescaling
+        return stage._refined_boxes(batch, stage.detector.backbone(batch.tensors), [loose])[0]
+
+    raw, refined = _loose_box_iou(tiny_shapes, g, move)
     assert refined > raw + 0.1, (raw, refined)
+    with torch.no_grad():
+        assert len(model.propose(ImageBatch.from_tensors([torch.rand(3, 64, 64)]))[0][0])
+
+
+def test_stage_overrides_merge_at_every_depth(tiny_shapes, tmp_path):
+    cfg = tiny_config(tiny_shapes, tmp_path)
+    cfg.stages = [{"name": "a"}, {"name": "b", "model": {"proposals": {"source": "refined"}}, "optim": {"lr": 1e-4}}]
+    second = stage_config(cfg, 1, previous=tmp_path / "a")
+    assert second.model.proposals.source == "refined"
+    assert second.model.proposals.num_proposals == cfg.model.proposals.num_proposals == 30  # kept, not reset
+    assert second.optim.lr == 1e-4 and second.optim.max_steps == cfg.optim.max_steps
+    assert second.model.checkpoint == str(tmp_path / "a" / "model.pt")
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,6 +1,6 @@
 """ONNX export of a ``RegionCLIP`` model and a detector that runs it with onnxruntime, without torch.
 
-``export_onnx(model, DIR)`` (``regionclip export``) writes four graphs and a manifest; labels are
+``export_onnx(model, DIR)`` (``regionclip export``) writes four graphs (five for ``proposals.source=refined``) and a manifest; labels are
 an input of the scoring graph, so a new vocabulary never needs a new export.
 ``OnnxDetector(DIR)`` (``RegionCLIP.from_onnx``, ``regionclip detect --model DIR``) runs them:
 ``predict`` takes and returns numpy arrays and never imports torch; ``detect`` mirrors

@@ -1,4 +1,4 @@
-"""``export_onnx``: a ``RegionCLIP`` model -> four ONNX graphs and ``manifest.json``.
+"""``export_onnx``: a ``RegionCLIP`` model -> four ONNX graphs (five with a second stage) and ``manifest.json``.
 
 Graphs (inputs -> outputs; every listed size is dynamic):
 
@@ -7,6 +7,10 @@ Graphs (inputs -> outputs; every listed size is dynamic):
   (1, 4A, h_i, w_i): the backbone and the RPN head. Anchors, box decoding, top-k, NMS and the
   resize run in numpy (``ops.py``, ``runtime.py``), mirroring torchvision's code: their shapes
   depend on the data, which is where Faster R-CNN exports break (pytorch/vision #8937, #2311).
+- ``second_stage.onnx`` (``proposals.source=refined`` only): the backbone maps the box head pools
+  from (extra ``feature_<name>`` outputs of the proposal graph) and ``boxes`` (N, 4) after the
+  RPN's NMS -> ``class_logits`` and ``box_regression``: multi-scale RoIAlign, the box head and the
+  predictor; the runtime picks each box's class, decodes and clips (``ProposalStage._refined_boxes``).
 - ``regions.onnx``: ``image`` (1, 3, H, W) CLIP-normalised and ``boxes`` (N, 4) -> ``embeddings``
   (N, D), unit norm, and for a model that refines boxes (``RegionCLIP.refines_boxes``) ``deltas``
   (N, 4): its box head on the raw features of the same regions (``BoxRefiner.forward``); the
@@ -76,22 +80,41 @@ from ..errors import BadConfig, BadOutput
 from ..regions import CropEncoder, ViTPoolEncoder
 from ..scoring import region_logits
 from . import ops, require
-from .manifest import FORMAT, GRAPHS, MANIFEST, OPSET, file_digest, write_manifest
+from .manifest import FORMAT, GRAPHS, MANIFEST, OPSET, SECOND_STAGE, file_digest, write_manifest
 from .tokenizer import BPE_FILE
 
 EXPORTER = "torchscript"
 
 
 class ProposalGraph(nn.Module):
-    """Backbone + RPN head: the part of the proposal stage with static control flow."""
+    """Backbone + RPN head: the part of the proposal stage with static control flow. With
+    ``features`` (names of the backbone's maps) those maps are outputs too, for the second stage."""
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, features: list[str] | None = None):
         super().__init__()
-        self.backbone, self.head = detector.backbone, detector.rpn.head
+        self.backbone, self.head, self.features = detector.backbone, detector.rpn.head, features or []
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, deltas = self.head(list(self.backbone(image).values()))
-        return (*logits, *deltas)
+        maps = self.backbone(image)
+        logits, deltas = self.head(list(maps.values()))
+        return (*logits, *deltas, *(maps[name] for name in self.features))
+
+
+class SecondStageGraph(nn.Module):
+    """The detector's second stage on given boxes (``proposals.source=refined``): multi-scale
+    RoIAlign over the backbone's maps, the box head and the predictor. Boxes are in the pixels of
+    the proposal graph's (unpadded) input; ``image_size`` only fixes each map's stride, which is
+    the same at every input size (sides padded to multiples of 32)."""
+
+    def __init__(self, roi_heads: nn.Module, features: list[str], image_size: tuple[int, int]):
+        super().__init__()
+        self.pool, self.head, self.predictor = roi_heads.box_roi_pool, roi_heads.box_head, roi_heads.box_predictor
+        self.features, self.image_size = features, image_size
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *maps, boxes = args
+        pooled = self.pool(dict(zip(self.features, maps)), [boxes], [self.image_size])
+        return self.predictor(self.head(pooled))
 
 
 def _region_outputs(raw: torch.Tensor, box_head: nn.Module | None):
@@ -202,8 +225,8 @@ def check_exportable(model: RegionCLIP) -> None:
         why = f"detector {cfg.detector} (detectron2 conventions) is not supported; torchvision Faster R-CNNs are"
     elif det.transform.fixed_size is not None:
         why = "a detector with a fixed input size is not supported"
-    elif cfg.proposals.source != "rpn":
-        why = f"proposals.source={cfg.proposals.source} (the detector's box head) is not supported: use proposals.source=rpn"
+    elif cfg.proposals.source == "final":
+        why = "proposals.source=final (the detector's classifier) is not supported: use proposals.source=rpn or refined"
     elif model.refines_boxes and not isinstance(model.box_head, BoxRefiner):
         why = f"the box head {type(model.box_head).__name__} is not a BoxRefiner: set regions.box_refinement=false"
     elif cfg.scoring.recipe != "default":
@@ -247,7 +270,7 @@ def export_onnx(model: RegionCLIP, out_dir: str | os.PathLike, opset: int = OPSE
         # A new wrapper module is in training mode, and the exporter restores that mode on it,
         # i.e. on the model's own submodules (BatchNorm would then use batch statistics).
         module.eval()
-        path = out / GRAPHS[name][0]
+        path = out / (GRAPHS[name][0] if name in GRAPHS else SECOND_STAGE[1])
         with getattr(module, "traceable", contextlib.nullcontext)():
             _export_graph(module, examples[0], path, inputs, outputs, axes, opset)
         if verify:
@@ -273,6 +296,8 @@ def _graph_specs(model: RegionCLIP) -> dict:
     levels = len(det.rpn.anchor_generator.cell_anchors)
     size_a, size_b = randn(*_detector_input(model, 480, 640)), randn(*_detector_input(model, 360, 270))
     prop_out = [f"objectness_{i}" for i in range(levels)] + [f"deltas_{i}" for i in range(levels)]
+    features = _second_stage_maps(model)
+    feature_out = [f"feature_{n}" for n in features]
     image_axes = {"image": {2: "height", 3: "width"}}
     boxes_a = torch.tensor([[4.0, 6.0, 60.0, 50.0], [-8.0, -8.0, 40.0, 40.0], [30.0, 20.0, 31.0, 20.5]], device=dev)
     boxes_b = torch.tensor([[10.0, 10.0, 90.0, 70.0], [0.0, 0.0, 200.0, 150.0]], device=dev)
@@ -290,8 +315,9 @@ def _graph_specs(model: RegionCLIP) -> dict:
     tokens_b = tok(["a very small red traffic light on a pole."]).to(dev)
     dim = model.regions.embed_dim()
     text_a, text_b = F.normalize(randn(5, dim), dim=-1), F.normalize(randn(2, dim), dim=-1)
-    return {
-        "proposals": (ProposalGraph(det), [(size_a,), (size_b,)], ["image"], prop_out, image_axes),
+    specs = {
+        "proposals": (ProposalGraph(det, features), [(size_a,), (size_b,)], ["image"], prop_out + feature_out,
+                      {**image_axes, **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in feature_out}}),
         "regions": (regions_mod, [(reg_a, boxes_a), (reg_b, boxes_b)], ["image", "boxes"], region_out,
                     {**image_axes, **{n: {0: "boxes"} for n in ["boxes", *region_out]}}),
         "text": (TextGraph(model.clip), [(tokens_a,), (tokens_b,)], ["tokens"], ["features"],
@@ -302,6 +328,27 @@ def _graph_specs(model: RegionCLIP) -> dict:
                     {"regions": {0: "boxes"}, "text": {0: "labels"}, "logits": {0: "boxes", 1: "columns"},
                      "probabilities": {0: "boxes", 1: "labels"}}),
     }
+    if features:
+        graph = SecondStageGraph(det.roi_heads, features, tuple(size_a.shape[-2:]))
+        with torch.no_grad():
+            maps_a, maps_b = (det.backbone(x) for x in (size_a, size_b))
+        # Boxes in detector-input pixels: small to large, so every pyramid level is used.
+        boxes_c = torch.tensor([[10.0, 12.0, 40.0, 30.0], [0.0, 0.0, 300.0, 220.0], [50.0, 40.0, 150.0, 170.0]], device=dev)
+        examples = [(*(maps_a[n] for n in features), boxes_c), (*(maps_b[n] for n in features), boxes_b)]
+        specs["second_stage"] = (graph, examples, feature_out + ["boxes"], ["class_logits", "box_regression"],
+                                 {**{n: {2: f"{n}_h", 3: f"{n}_w"} for n in feature_out},
+                                  **{n: {0: "boxes"} for n in ["boxes", "class_logits", "box_regression"]}})
+    return specs
+
+
+def _second_stage_maps(model: RegionCLIP) -> list[str]:
+    """The backbone maps the second stage pools from, when the model refines its proposals."""
+    if model.cfg.proposals.source != "refined":
+        return []
+    det = model.proposals.detector
+    with torch.no_grad():
+        names = list(det.backbone(torch.zeros(1, 3, 64, 64, device=model.device)).keys())
+    return [n for n in det.roi_heads.box_roi_pool.featmap_names if n in names]
 
 
 def _detector_input(model: RegionCLIP, h: int, w: int) -> tuple[int, int, int, int]:
@@ -405,6 +452,7 @@ def _manifest(model: RegionCLIP, opset: int, graphs: dict) -> dict:
         },
         "regions": regions,
         "box_head": _box_head(model),
+        "second_stage": _second_stage(model),
         "text": {"templates": list(cfg.text.templates), "ensemble": cfg.text.ensemble},
         "scoring": {**dataclasses.asdict(cfg.scoring), "logit_scale": model.logit_scale},
     }
@@ -426,6 +474,22 @@ def _box_head(model: RegionCLIP) -> dict | None:
                 "image's pixels, then clipped to the image; the refined boxes are not embedded again: "
                 "each keeps the scores of its proposal's embedding and the proposal's objectness, and "
                 "the scoring NMS runs on the refined boxes",
+    }
+
+
+def _second_stage(model: RegionCLIP) -> dict | None:
+    """What the runtime needs to apply ``second_stage.onnx`` (None: the proposals are the RPN's)."""
+    if model.cfg.proposals.source != "refined":
+        return None
+    heads = model.proposals.detector.roi_heads
+    return {
+        "box_coder_weights": [float(v) for v in heads.box_coder.weights],
+        "box_coder_clip": float(heads.box_coder.bbox_xform_clip),
+        "rule": "ProposalStage._refined_boxes: after the RPN's NMS, the proposals (detector-input pixels) and "
+                "the proposal graph's feature_* outputs go through second_stage.onnx; each box takes the "
+                "box_regression of its highest class_logits column past the first (background), decoded with "
+                "BoxCoder.decode_single(box_coder_weights, box_coder_clip) and clipped to the resized image, "
+                "then scaled to the original; it keeps its RPN objectness",
     }
 
 

@@ -24,17 +24,34 @@ GRAPHS = {
     "text": ("text.onnx", ["tokens"], ["features"]),
     "scoring": ("scoring.onnx", ["regions", "text"], ["logits", "probabilities"]),
 }
+# Present when the model refines its proposals with the detector's second stage
+# (proposals.source=refined); its inputs (the proposal graph's feature maps + boxes) are recorded.
+SECOND_STAGE = ("second_stage", "second_stage.onnx", ["class_logits", "box_regression"])
 _REEXPORT = "export it again: regionclip export --model MODEL --format onnx --out DIR"
 
 
 def graph_outputs(manifest: dict, name: str) -> list[str]:
     """The output names graph ``name`` of this export has: ``GRAPHS``'s, the proposal graph's per
     level as recorded, and the regions graph's ``deltas`` when the export refines boxes."""
+    if name == SECOND_STAGE[0]:
+        return list(SECOND_STAGE[2])
     if GRAPHS[name][2] is None:
         return list(manifest["graphs"][name]["outputs"])
     if name == "regions" and manifest.get("box_head"):
         return [*GRAPHS[name][2], manifest["box_head"]["output"]]
     return list(GRAPHS[name][2])
+
+
+def graph_inputs(manifest: dict, name: str) -> list[str]:
+    """The input names of graph ``name``: ``GRAPHS``'s, or the second stage's as recorded."""
+    if name == SECOND_STAGE[0]:
+        return list(manifest["graphs"][name]["inputs"])
+    return list(GRAPHS[name][1])
+
+
+def graph_names(manifest: dict) -> list[str]:
+    """The graphs this export runs: ``GRAPHS``, and the second stage when it refines proposals."""
+    return [*GRAPHS, *([SECOND_STAGE[0]] if manifest.get(SECOND_STAGE[0]) else [])]
 
 
 def is_export_dir(path: str | os.PathLike) -> bool:
@@ -76,7 +93,7 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
         found = data.get("format") if isinstance(data, dict) else None
         raise WeightsUnavailable(f"{path}: format {found!r}, this regionclip reads {FORMAT!r}: {_REEXPORT}")
     files = {name: entry for name, entry in data.get("graphs", {}).items()}
-    missing = [n for n in GRAPHS if n not in files]
+    missing = [n for n in graph_names(data) if n not in files]
     if missing:
         raise WeightsUnavailable(f"{path} lists no {missing[0]} graph: {_REEXPORT}")
     if verify:

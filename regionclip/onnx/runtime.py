@@ -22,7 +22,7 @@ from ..config import ScoringConfig, check_scoring
 from ..errors import BadInput, WeightsUnavailable
 from ..labels import check_labels
 from . import ops, require
-from .manifest import GRAPHS, graph_outputs, read_manifest
+from .manifest import graph_inputs, graph_names, graph_outputs, read_manifest
 from .tokenizer import ClipTokenizer
 
 F32 = np.float32
@@ -50,7 +50,7 @@ class OnnxDetector:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = int(threads)
-        self.sessions = {name: self._session(ort, opts, name) for name in GRAPHS}
+        self.sessions = {name: self._session(ort, opts, name) for name in graph_names(m)}
         self.tokenizer = ClipTokenizer(self.folder / m["tokenizer"]["file"], m["tokenizer"]["context_length"])
         self.labels_encoded = 0  # label embeddings computed by the text graph (the rest came from the cache)
         self._text_cache: dict[str, np.ndarray] = {}
@@ -68,9 +68,10 @@ class OnnxDetector:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         want_out = graph_outputs(self.manifest, name)
-        if inputs != GRAPHS[name][1] or outputs != want_out:
+        want_in = graph_inputs(self.manifest, name)
+        if inputs != want_in or outputs != want_out:
             raise WeightsUnavailable(f"{path} is not a {name} graph of this export (inputs {inputs}, outputs "
-                                     f"{outputs}; expected {GRAPHS[name][1]}, {want_out}): {_REEXPORT}")
+                                     f"{outputs}; expected {want_in}, {want_out}): {_REEXPORT}")
         return session
 
     # ------------------------------------------------------------------------------ settings
@@ -113,7 +114,7 @@ class OnnxDetector:
         outs = self._run("proposals", {"image": x[None]})
         levels = len(p["cell_anchors"])
         logits = [o[0].transpose(1, 2, 0).reshape(-1) for o in outs[:levels]]  # (h, w, A): torchvision's order
-        deltas = [d[0].reshape(-1, 4, *d.shape[-2:]).transpose(2, 3, 0, 1).reshape(-1, 4) for d in outs[levels:]]
+        deltas = [d[0].reshape(-1, 4, *d.shape[-2:]).transpose(2, 3, 0, 1).reshape(-1, 4) for d in outs[levels:2 * levels]]
         anchors = ops.grid_anchors(p["cell_anchors"], [o.shape[-2:] for o in outs[:levels]], x.shape[1:])
         boxes = ops.decode_boxes(np.concatenate(deltas), anchors, p["box_coder_weights"], p["box_coder_clip"])
         logit = _mask_padding(np.concatenate(logits), anchors, (nh, nw), p["size_divisible"])
@@ -130,8 +131,21 @@ class OnnxDetector:
         keep &= (ops.sigmoid(logit) >= p["score_threshold"]) & (logit > -np.inf)
         boxes, logit, level = boxes[keep], logit[keep], level[keep]
         keep = ops.batched_nms(boxes, logit, level, p["nms_threshold"])[: p["post_nms_top_n"]]
+        boxes = boxes[keep]
+        if self.manifest.get("second_stage") and len(boxes):
+            boxes = self._second_stage(outs[2 * levels:], boxes, (nh, nw))
         ratio = np.array([w, h, w, h], dtype=F32) / np.array([nw, nh, nw, nh], dtype=F32)
-        return ops.clip_boxes(boxes[keep] * ratio, (h, w)), ops.sigmoid(logit[keep])
+        return ops.clip_boxes(boxes * ratio, (h, w)), ops.sigmoid(logit[keep])
+
+    def _second_stage(self, features: list[np.ndarray], boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """``ProposalStage._refined_boxes``: the detector's second stage on the proposal graph's
+        feature maps; each box moved by the regression of its most likely object class, clipped."""
+        s = self.manifest["second_stage"]
+        names = graph_inputs(self.manifest, "second_stage")
+        logits, regression = self._run("second_stage", {**dict(zip(names, features)), "boxes": boxes.astype(F32)})
+        best = logits[:, 1:].argmax(axis=1) + 1
+        deltas = regression.reshape(len(boxes), -1, 4)[np.arange(len(boxes)), best]
+        return ops.clip_boxes(ops.decode_boxes(deltas, boxes, s["box_coder_weights"], s["box_coder_clip"]), size)
 
     def embed(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Stage 2: (3, h, w) float32 in [0, 1] and (N, 4) xyxy boxes in its pixels -> (N, D)

@@ -197,11 +197,7 @@ def stage_config(cfg: TrainConfig, index: int, previous: Path | None = None) -> 
         raise BadConfig(f"stages[{index}].start must be previous (the last stage's model) or scratch, not {start!r}")
     data = to_dict(cfg)
     data["stages"] = []
-    for key, value in entry.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
+    data = _merged(data, entry)
     data["out_dir"] = str(Path(cfg.out_dir) / name)
     if previous is not None:
         if start == "previous":
@@ -210,6 +206,15 @@ def stage_config(cfg: TrainConfig, index: int, previous: Path | None = None) -> 
         if wants_teacher and not data["pretrain"].get("teacher"):
             data["pretrain"]["teacher"] = str(previous / "preset.yaml")
     return from_dict(TrainConfig, data, where=f"stages[{index}]")
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in at every depth: a stage's ``model: {proposals: {source: x}}``
+    changes that one key and keeps the file's other proposal settings."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
