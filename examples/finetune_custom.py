@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--annotations needs --images (the folder its file_name entries are relative to)")
 
     overrides = [
+        "stages=[]",  # one box fine-tuning run, not the demo's own two-stage recipe
         f"data.train_annotations={args.annotations}", f"data.train_images={args.images}",
         f"data.val_annotations={args.val_annotations or 'null'}", f"data.val_images={args.val_images or 'null'}",
         f"data.split={args.split or 'null'}", f"data.max_side={args.max_side}",
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"optim.warmup_steps={max(1, args.steps // 10)}",
         "train.num_workers=0", "train.eval_every=0", f"train.ckpt_every={args.steps}", "train.log_every=1",
     ]
-    if not args.from_scratch:
-        overrides.append(f"model.checkpoint={DEMO_CHECKPOINT}")
+    if not args.from_scratch:  # the demo's weights, its second stage included (it refines the RPN's boxes)
+        overrides += [f"model.checkpoint={DEMO_CHECKPOINT}", "model.proposals.source=refined"]
     cfg = load_train_config(RUN_YAML, overrides + args.overrides, out_dir=args.out)
 
     def progress(event: dict) -> None:

@@ -17,12 +17,19 @@ from regionclip.errors import WeightsUnavailable
 DEMO_MB_LIMIT = 25
 
 
-def test_demo_checkpoint_is_small_and_rpn_only():
+def test_demo_checkpoint_is_small_and_refines_its_boxes():
     model = RegionCLIP.from_pretrained("demo", device="cpu")
     assert os.path.getsize(model.cfg.checkpoint) < DEMO_MB_LIMIT * 2**20
-    assert model.cfg.proposals.source == "rpn" and not model.proposals.detector.has_box_head
+    assert model.cfg.proposals.source == "refined" and model.proposals.detector.has_box_head
+    assert model.proposals.detector.roi_heads.box_head.fc7.out_features == 128  # the narrow second stage
+    assert model.refines_boxes
+
+
+def test_rpn_only_checkpoints_refuse_a_second_stage(tmp_path):
+    model = RegionCLIP.from_pretrained("demo", device="cpu")
+    model.save(tmp_path / "rpn_only.pt", half=True, box_head=False)
     with pytest.raises(WeightsUnavailable, match="without its box head"):
-        RegionCLIP.from_pretrained("demo", device="cpu", overrides=["proposals.source=final"])
+        RegionCLIP.from_pretrained("demo", device="cpu", overrides=[f"checkpoint={tmp_path / 'rpn_only.pt'}"])
 
 
 def test_make_shapes_command(tmp_path, capsys):
