@@ -254,7 +254,9 @@ class ProposalStage(nn.Module):
         class_logits, deltas = heads.box_predictor(x)
         best = class_logits[:, 1:].argmax(dim=1) + 1
         deltas = deltas.view(len(x), -1, 4)[torch.arange(len(x), device=x.device), best]
-        moved = heads.box_coder.decode(deltas[:, None], proposals)[:, 0]
+        # fp32 decode: under bf16 autocast the deltas are bf16, and decode casts the boxes to their
+        # dtype (8 mantissa bits: whole pixels lost past 256).
+        moved = heads.box_coder.decode(deltas.float()[:, None], [p.float() for p in proposals])[:, 0]
         parts = moved.split([len(p) for p in proposals])
         return [clip_boxes_to_image(b, size) for b, size in zip(parts, batch.image_sizes)]
 
