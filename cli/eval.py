@@ -32,6 +32,14 @@ def render(report: dict) -> None:
         for key in ("top1", "top5", "boxes"):
             t.add_row(key, *[str(acc[p][key]) if key == "boxes" else _fmt(acc[p][key]) for p in acc])
         console.print(t)
+    if "proposal_recall" in report:
+        rec = report["proposal_recall"]
+        t = Table("", *rec, title="Class-agnostic proposal recall (%): R50 at IoU 0.5, AR over IoU 0.5:0.95")
+        keys = [k for k in next(iter(rec.values())) if k != "gt"]
+        for key in sorted(keys, key=lambda k: (k.split("@")[0] != "R50", int(k.split("@")[1]))):
+            t.add_row(key, *[_fmt(rec[p][key]) for p in rec])
+        t.add_row("GT boxes", *[str(rec[p]["gt"]) for p in rec])
+        console.print(t)
     s = report["settings"]
     if "images_per_second" in s:
         console.print(f"{s['images']} images in {s['seconds']:.1f} s ({s['images_per_second']:.2f} img/s), "

@@ -19,14 +19,21 @@ def make_shapes(
     max_side: Annotated[int, typer.Option(help="Largest image height/width in pixels.")] = 512,
     captions_per_image: Annotated[int, typer.Option(
         help="Captions per image (phrasings naming every shape, novel ones too); 0 writes no captions files.")] = 5,
+    style: Annotated[str, typer.Option(
+        help="The world drawn: 'shapes' (red/green/blue/yellow circles, squares, triangles) or 'alt', a held-out "
+             "check (orange/purple/cyan/pink stars, hexagons, crosses; other sizes, busier clutter, half the "
+             "objects novel). Choose methods on 'shapes', report on 'alt'.")] = "shapes",
 ) -> None:
     """Generate a small COCO-format detection set of coloured shapes (12 classes) for training and tests.
 
     Writes OUT_DIR/train/*.jpg, OUT_DIR/val/*.jpg, OUT_DIR/annotations/instances_{train,val}.json,
     OUT_DIR/annotations/captions_{train,val}.json (COCO Captions) and OUT_DIR/split.yaml
-    (9 base classes; novel: red triangle, green circle, blue square).
+    (9 base classes; novel: red triangle, green circle, blue square; with --style alt: orange star,
+    purple hexagon, cyan cross).
     """
-    from regionclip.data.shapes import make_shapes as write_shapes
+    from regionclip.data.shapes import get_style, make_shapes as write_shapes
+
+    get_style(style)  # an unknown style is one line before anything is drawn
 
     bar = progress()
     task = bar.add_task("drawing shapes", total=train + val)
@@ -37,7 +44,7 @@ def make_shapes(
 
     try:
         paths = write_shapes(out_dir, n_train=train, n_val=val, seed=seed, image_size=(min_side, max_side),
-                             progress=report, captions_per_image=captions_per_image)
+                             progress=report, captions_per_image=captions_per_image, style=style)
     finally:
         bar.stop()
     console.print(f"[bold]{train}[/] train and [bold]{val}[/] val images in {out_dir}")

@@ -39,8 +39,11 @@ def train(
         stage = event.get("stage")
         prefix = f"{stage}: " if stage else ""
         if "eval" in event:
-            ap = ", ".join(f"{k} {v:.1f}" for k, v in event["eval"].items() if v is not None)
-            bar.console.print(f"{prefix}step {event['step']}: val AP50 {ap}")
+            figures = event["eval"]
+            ap = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if isinstance(v, float))
+            recall = ", ".join(f"{k} {v:.1f}" for k, v in figures.get("R50@100", {}).items() if v is not None)
+            bar.console.print(f"{prefix}step {event['step']}: val AP50 {ap}"
+                              + (f"; proposal recall@100 (IoU 0.5) {recall}" if recall else ""))
             return
         if stage not in tasks:  # a staged config: one bar per stage
             tasks[stage] = bar.add_task(prefix or "training", total=event["max_steps"])

@@ -276,9 +276,11 @@ class RegionCLIP(nn.Module):
 
     def detect_batch(self, batch: ImageBatch, text_emb: torch.Tensor, labels: Sequence[str],
                      scoring: ScoringConfig | None = None,
-                     boxes: Sequence[torch.Tensor] | None = None) -> list[Detections]:
+                     boxes: Sequence[torch.Tensor] | None = None,
+                     proposals_out: list | None = None) -> list[Detections]:
         """The stages over one batch; ``boxes`` (batch pixels) replace the proposals and are
-        never refined."""
+        never refined. ``proposals_out`` (a list) receives each image's proposals as
+        ``(boxes_xyxy in original pixels, objectness)``, what ``regionclip.recall`` measures."""
         scoring = scoring or self.cfg.scoring
         given = boxes is not None
         refine = self.refines_boxes and not given
@@ -287,6 +289,8 @@ class RegionCLIP(nn.Module):
                 objectness = [None] * len(boxes)
             else:
                 boxes, objectness = self.propose(batch, logits=self._wants_logits(scoring))
+                if proposals_out is not None:
+                    proposals_out += [(batch.to_original(i, b), o) for i, (b, o) in enumerate(zip(boxes, objectness))]
             regions = self.embed(batch, boxes, raw=refine)
             if refine:
                 boxes = self.refine(batch, boxes, regions)
@@ -355,6 +359,7 @@ class RegionCLIP(nn.Module):
         top_k: int | None = None,
         agnostic_nms: bool | None = None,
         batch_size: int = 8,
+        proposals_out: list | None = None,
     ) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
@@ -364,7 +369,8 @@ class RegionCLIP(nn.Module):
         and returned with its top-k labels, in input order, unfiltered. ``agnostic_nms``:
         suppress overlapping boxes across labels too (one box per object). ``text_embeddings``
         (a tensor or a concept-embedding file, one row per label) replaces encoding ``labels``
-        (see ``vocabulary``).
+        (see ``vocabulary``). ``proposals_out`` (a list) receives each image's proposals, in
+        input order, as ``detect_batch`` gives them.
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -379,11 +385,17 @@ class RegionCLIP(nn.Module):
         labels, text_emb = self.vocabulary(labels, text_embeddings)
         loaded = self.load(items)
         out: list[Detections | None] = [None] * len(items)
+        proposals: list = [None] * len(items)
         for idx in aspect_groups([x.pixels.shape[:2] for x in loaded], batch_size):
             batch = self.batch([loaded[i] for i in idx])
             given = [batch.to_batch(j, boxes[i]) for j, i in enumerate(idx)] if boxes is not None else None
-            for i, d in zip(idx, self.detect_batch(batch, text_emb, labels, scoring, given)):
+            found: list | None = [] if proposals_out is not None and given is None else None
+            for i, d in zip(idx, self.detect_batch(batch, text_emb, labels, scoring, given, found)):
                 out[i] = d
+            for i, p in zip(idx, found or []):
+                proposals[i] = p
+        if proposals_out is not None and boxes is None:
+            proposals_out += proposals
         return out[0] if single else out
 
 

@@ -19,6 +19,7 @@ from .errors import BadAnnotations, BadImage, BadInput
 from .eval_protocols import gt_box_accuracy, gt_box_records, gt_boxes
 from .evaluate import check_split, coco_map
 from .io import load_reduced
+from .recall import ProposalRecall
 
 Progress = Callable[[int], None]
 
@@ -126,6 +127,7 @@ def evaluate_model(
     threshold = None if model.cfg.scoring.recipe == "regionclip" else 0.0
     skipped: list[str] = []
     records: list[dict] = []
+    recall = ProposalRecall(coco, split) if proposals == "model" else None
     scores, ann_ids = {}, {}
     images, start = 0, time.perf_counter()
     if proposals == "gt":
@@ -138,10 +140,12 @@ def evaluate_model(
         pixels = [loaded for _, loaded in batch]
         if proposals == "model":
             # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
+            found: list = []
             dets = model.detect(pixels, labels, top_k=top_k, score_threshold=threshold, agnostic_nms=False,
                                 max_detections=COCO_MAX_DETECTIONS, batch_size=batch_size,
-                                text_embeddings=text_embeddings)
-            for (image_id, _), d in zip(batch, dets):
+                                text_embeddings=text_embeddings, proposals_out=found)
+            for (image_id, _), d, (boxes, objectness) in zip(batch, dets, found):
+                recall.add(image_id, boxes, objectness)
                 d = d.cpu()
                 d = d[torch.tensor([n in ids for n in d.names], dtype=torch.bool)]  # names outside the file
                 records += d.to_records(image_id=image_id, category_ids=ids)
@@ -156,12 +160,16 @@ def evaluate_model(
             progress(len(batch))
     seconds = time.perf_counter() - start
     if gather is not None:
-        parts = gather((records, scores, ann_ids, images, skipped))
+        parts = gather((records, scores, ann_ids, images, skipped, recall))
         records = [r for part in parts for r in part[0]]
         scores = {k: v for part in parts for k, v in part[1].items()}
         ann_ids = {k: v for part in parts for k, v in part[2].items()}
         images = sum(part[3] for part in parts)
         skipped = [m for part in parts for m in part[4]]
+        if recall is not None:
+            recall = parts[0][5]
+            for part in parts[1:]:
+                recall.merge(part[5])
     if images == 0:
         raise BadImage(f"none of the {len(coco.imgs)} images could be read from {images_dir} ({skipped[0] if skipped else 'no images'})")
     report: dict = {}
@@ -169,6 +177,9 @@ def evaluate_model(
         report["accuracy"] = gt_box_accuracy(coco, scores, ann_ids, category_ids, split)
         records = gt_box_records(coco, scores, ann_ids, category_ids, top_k=top_k)
     report["map"] = coco_map(coco, records, split)
+    if recall is not None:
+        # Class-agnostic: what the proposal stage hands the region classifier (regionclip/recall.py).
+        report["proposal_recall"] = recall.summary()
     report["settings"] = {
         "model": model.cfg.name, "clip_model": model.cfg.clip_model, "detector": model.cfg.detector,
         "mode": model.cfg.mode, "proposals": proposals, "vocabulary_size": len(labels), "top_k": top_k,

@@ -8,6 +8,8 @@ multiplies by the logit, and a sigmoid in fp32 is exactly 1 above a logit of abo
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torchvision
 from torch import nn
@@ -16,10 +18,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from .config import ProposalConfig
 from .errors import BadInput, WeightsUnavailable
+from .objectness import IGNORE_IOU, OBJECTNESS, centerness_loss, ignore_negatives
 from .weights import Resolved, load_state
 
 SOURCES = ("rpn", "refined", "final")
@@ -142,12 +145,19 @@ class ProposalStage(nn.Module):
         rpn._pre_nms_top_n = {"training": cfg.pre_nms_top_n, "testing": cfg.pre_nms_top_n}
         rpn._post_nms_top_n = {"training": cfg.num_proposals, "testing": cfg.num_proposals}
         rpn.nms_thresh = cfg.nms_threshold
+        if not hasattr(rpn, "builder_score_thresh"):
+            rpn.builder_score_thresh = rpn.score_thresh
+        if cfg.score_threshold is not None and not 0 <= cfg.score_threshold < 1:
+            raise BadInput(f"proposals.score_threshold must be in [0, 1), got {cfg.score_threshold}")
+        rpn.score_thresh = rpn.builder_score_thresh if cfg.score_threshold is None else cfg.score_threshold
         heads = self.detector.roi_heads
         heads.detections_per_img = cfg.num_proposals
         heads.score_thresh = 1e-3
 
-    def _rpn(self, images, features, targets=None):
-        """Run the RPN on a batch; return ``(boxes, logits, losses)`` in resized coordinates."""
+    def _rpn(self, images, features):
+        """Run the RPN on a batch; return ``(boxes, logits, head)``: boxes and their raw logits
+        per image in resized coordinates, and ``head = (logits, deltas, anchors)`` over every
+        anchor, what ``_rpn_losses`` trains."""
         rpn = self.detector.rpn
         feats = list(features.values())
         logits, deltas = rpn.head(feats)
@@ -159,13 +169,28 @@ class ProposalStage(nn.Module):
         masked = self._mask_padding(logits.detach().view(n, -1), anchors, images.image_sizes,
                                     getattr(self.detector.transform, "size_divisible", 1))
         boxes, scores = self._filter(proposals, masked, images.image_sizes, per_level)
-        losses = {}
-        if targets is not None:
-            labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
-            reg_targets = rpn.box_coder.encode(matched, anchors)
-            obj_loss, box_loss = rpn.compute_loss(logits, deltas, labels, reg_targets)
-            losses = {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
-        return boxes, scores, losses
+        return boxes, scores, (logits, deltas, anchors)
+
+    def _rpn_losses(self, head, targets: list[dict], objectness: str = "classify",
+                    ignore: list[torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+        """The RPN's losses against ``targets`` (resized pixels). ``objectness``: ``classify``
+        (torchvision's: anchors near a box are objects, the rest background) or ``centerness``
+        (OLN: localization quality of anchors near a box, no negatives; ``regionclip/objectness.py``).
+        ``ignore`` boxes (per image, resized pixels) take their overlapping anchors out of the
+        negatives. Box regression is torchvision's either way."""
+        if objectness not in OBJECTNESS:
+            raise BadInput(f"unknown proposal objectness '{objectness}': use one of {', '.join(OBJECTNESS)}")
+        rpn = self.detector.rpn
+        logits, deltas, anchors = head
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        if ignore is not None:
+            labels = ignore_negatives(labels, anchors, ignore)
+        reg_targets = rpn.box_coder.encode(matched, anchors)
+        obj_loss, box_loss = rpn.compute_loss(logits, deltas, labels, reg_targets)
+        if objectness == "centerness":
+            obj_loss = centerness_loss(logits.flatten(), anchors, [t["boxes"] for t in targets],
+                                       rpn.fg_bg_sampler.batch_size_per_image)
+        return {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
 
     def _filter(self, proposals: torch.Tensor, logits: torch.Tensor, sizes, per_level: list[int]):
         """``RegionProposalNetwork.filter_proposals`` keeping the raw logits: per level the top
@@ -261,16 +286,24 @@ class ProposalStage(nn.Module):
         return [clip_boxes_to_image(b, size) for b, size in zip(parts, batch.image_sizes)]
 
     def forward_train(
-        self, images: list[torch.Tensor], targets: list[dict]
+        self, images: list[torch.Tensor], targets: list[dict], objectness: str = "classify",
+        regions: Callable[[list], tuple[list | None, list | None]] | None = None,
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """One backbone + RPN pass that gives both the detector's training losses and the
         proposals a training step samples regions from.
 
         ``targets[i]["boxes"]`` are xyxy in the pixels of ``images[i]``; labels are ignored
-        (every object is class 1). Returns ``(proposals, losses)``: proposals as ``forward``
-        gives them (RPN boxes with objectness, detached, in input pixels, for either
-        ``source``: a training step samples from the RPN's candidates), losses including the
-        box head's with ``source`` "final" or "refined" so it trains too.
+        (every object is class 1). ``objectness`` picks the RPN's objectness loss (``classify``
+        or ``centerness``, see ``_rpn_losses``). ``regions``, when given, is called with the
+        proposals before any loss is taken and returns per image ``(ignore, positives)`` boxes
+        in input pixels (either list may be None): ignore boxes take their anchors out of the
+        RPN's negatives and their proposals out of the second stage's, positive boxes join the
+        RPN's targets (caption pseudo-boxes: ``regionclip/objectness.py``).
+
+        Returns ``(proposals, losses)``: proposals as ``forward`` gives them (RPN boxes with
+        objectness, detached, in input pixels, for either ``source``: a training step samples
+        from the RPN's candidates), losses including the box head's with ``source`` "final" or
+        "refined" so it trains too.
         """
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         agnostic = [
@@ -278,14 +311,34 @@ class ProposalStage(nn.Module):
         ]
         batch, agnostic = self.detector.transform(images, agnostic)
         features = self.detector.backbone(batch.tensors)
-        boxes, raw, losses = self._rpn(batch, features, agnostic)
+        boxes, raw, head = self._rpn(batch, features)
         scores = [torch.sigmoid(r) for r in raw]
-        if self.cfg.source != "rpn":
-            _, head_losses = self.detector.roi_heads(features, boxes, batch.image_sizes, agnostic)
-            # Named apart from the region box head's loss_box_reg (regionclip/box_head.py).
-            losses = {**losses, **{f"loss_det_{k[5:]}": v for k, v in head_losses.items()}}
         proposals = [
             (resize_boxes(b, resized, orig), s)
             for b, s, resized, orig in zip(boxes, scores, batch.image_sizes, original_sizes)
         ]
+        ignore, positives = regions(proposals) if regions is not None else (None, None)
+        to_resized = [lambda b, r=resized, o=orig: resize_boxes(b.float(), o, r)
+                      for resized, orig in zip(batch.image_sizes, original_sizes)]
+        rpn_targets = agnostic
+        if positives is not None:
+            rpn_targets = []
+            for t, extra, move in zip(agnostic, positives, to_resized):
+                extra = move(extra).to(t["boxes"]) if extra is not None and len(extra) else t["boxes"][:0]
+                rpn_targets.append({"boxes": torch.cat([t["boxes"], extra]),
+                                    "labels": torch.ones(len(t["boxes"]) + len(extra), dtype=torch.int64,
+                                                         device=t["boxes"].device)})
+        if ignore is not None:
+            ignore = [move(b) if b is not None and len(b) else None for b, move in zip(ignore, to_resized)]
+        losses = self._rpn_losses(head, rpn_targets, objectness, ignore)
+        if self.cfg.source != "rpn":
+            kept = boxes
+            if ignore is not None:
+                # The second stage samples its own background from these: an ignore box's
+                # proposals must not become its negatives either.
+                kept = [b if ig is None else b[box_iou(b, ig).max(dim=1).values < IGNORE_IOU]
+                        for b, ig in zip(boxes, ignore)]
+            _, head_losses = self.detector.roi_heads(features, kept, batch.image_sizes, agnostic)
+            # Named apart from the region box head's loss_box_reg (regionclip/box_head.py).
+            losses = {**losses, **{f"loss_det_{k[5:]}": v for k, v in head_losses.items()}}
         return proposals, losses

@@ -108,6 +108,33 @@ def test_render_shapes_image_boxes_cover_their_colour():
         assert 0 <= x1 < x2 <= 300 and 0 <= y1 < y2 <= 200
 
 
+def test_alt_style_is_another_world_with_its_own_split(tmp_path):
+    """The held-out style: no name of the default world, its own 3 novel names, reproducible,
+    and about half its objects novel (the share of unlabelled objects in training)."""
+    from regionclip.data.shapes import STYLES
+
+    alt = make_shapes(tmp_path / "a", n_train=30, n_val=2, seed=0, image_size=(96, 128), style="alt")
+    again = make_shapes(tmp_path / "b", n_train=30, n_val=2, seed=0, image_size=(96, 128), style="alt")
+    assert again["train_annotations"].read_bytes() == alt["train_annotations"].read_bytes()
+    data = json.loads(alt["train_annotations"].read_text())
+    names = [c["name"] for c in data["categories"]]
+    assert names == STYLES["alt"].categories and not set(names) & set(CATEGORIES) and len(names) == 12
+    split = load_split(alt["split"])
+    assert split["novel"] == ["orange star", "purple hexagon", "cyan cross"] and len(split["base"]) == 9
+    novel_ids = {c["id"] for c in data["categories"] if c["name"] in split["novel"]}
+    share = np.mean([a["category_id"] in novel_ids for a in data["annotations"]])
+    assert 0.35 <= share <= 0.65, share
+    assert data["info"]["style"] == "alt"
+
+
+def test_unknown_style_is_refused_before_drawing(tmp_path):
+    from regionclip.errors import BadInput
+
+    with pytest.raises(BadInput, match="unknown shapes style 'moon'.*shapes, alt"):
+        make_shapes(tmp_path / "x", n_train=1, n_val=0, style="moon")
+    assert not (tmp_path / "x").exists()
+
+
 def test_render_can_draw_an_empty_image():
     rgb, objects = render_shapes_image(np.random.default_rng(0), 96, empty_prob=1.0)
     assert rgb.shape == (96, 96, 3) and objects == []

@@ -26,6 +26,13 @@ def test_eval_runs_the_model_and_reports_splits(shapes, tmp_path, capsys):
     assert report["settings"]["images"] == 4 and report["settings"]["vocabulary_size"] == 12
     assert report["settings"]["images_per_second"] > 0 and report["images_skipped"] == 0
     assert "COCO bbox mAP" in out
+    # Class-agnostic proposal recall per split, in the table and the report.
+    recall = report["proposal_recall"]
+    assert set(recall) == {"overall", "base", "novel"} and "proposal recall" in out
+    assert recall["base"]["gt"] + recall["novel"]["gt"] == recall["overall"]["gt"] == len(
+        json.loads(shapes["val_annotations"].read_text())["annotations"])
+    for row in recall.values():
+        assert row["R50@10"] <= row["R50@100"] <= row["R50@300"] and row["AR@100"] <= row["R50@100"], row
     # The written results scored by pycocotools directly give the same overall AP50.
     gt = COCO(str(shapes["val_annotations"]))
     ev = COCOeval(gt, gt.loadRes(str(results_path)), "bbox")

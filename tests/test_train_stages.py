@@ -271,9 +271,9 @@ def test_box_refinement_moves_loose_boxes_onto_their_objects(tiny_shapes, tmp_pa
     g = torch.Generator().manual_seed(0)
     real = loop.sample_regions
 
-    def loose_proposals(proposals, targets, lc, background):
+    def loose_proposals(proposals, targets, lc, background, ignore=None):
         loose = [(_loose(t["boxes"], g), torch.ones(len(t["boxes"]))) for t in targets]
-        return real(loose, targets, lc, background)
+        return real(loose, targets, lc, background, ignore)
 
     monkeypatch.setattr(loop, "sample_regions", loose_proposals)
     cfg = tiny_config(tiny_shapes, tmp_path, optim={"max_steps": 40, "lr": 3e-3, "warmup_steps": 5, "batch_size": 4,
@@ -298,17 +298,28 @@ def test_refined_proposals_move_loose_boxes_onto_their_objects(tiny_shapes, tmp_
     from regionclip import RegionCLIP
     from regionclip.batch import ImageBatch
     from regionclip.proposals import ProposalStage
+    from torchvision.models.detection.transform import resize_boxes
 
     g = torch.Generator().manual_seed(0)
-    real = ProposalStage._rpn
+    real_rpn, real_train = ProposalStage._rpn, ProposalStage.forward_train
 
-    def loose_rpn(self, images, features, targets=None):  # training proposals: loose boxes around the objects
-        boxes, scores, losses = real(self, images, features, targets)
-        if targets is not None:
-            boxes = [_loose(t["boxes"], g).repeat(4, 1) for t in targets]
+    def loose_train(self, images, targets, *args, **kwargs):  # remembers what the RPN's boxes should surround
+        self.loose_for = (targets, [tuple(img.shape[-2:]) for img in images])
+        try:
+            return real_train(self, images, targets, *args, **kwargs)
+        finally:
+            del self.loose_for
+
+    def loose_rpn(self, images, features):  # training proposals: loose boxes around the objects
+        boxes, scores, head = real_rpn(self, images, features)
+        if hasattr(self, "loose_for"):
+            targets, sizes = self.loose_for
+            boxes = [_loose(resize_boxes(t["boxes"], size, resized), g).repeat(4, 1)
+                     for t, size, resized in zip(targets, sizes, images.image_sizes)]
             scores = [torch.ones(len(b)) for b in boxes]
-        return boxes, scores, losses
+        return boxes, scores, head
 
+    monkeypatch.setattr(ProposalStage, "forward_train", loose_train)
     monkeypatch.setattr(ProposalStage, "_rpn", loose_rpn)
     start = tiny_config(tiny_shapes, tmp_path / "rpn_only", optim={"max_steps": 1}, train={"ckpt_every": 1})
     train(start)  # an RPN-only checkpoint: no second stage stored
@@ -375,3 +386,48 @@ def test_checkpoints_sharing_a_clip_name_load_in_one_process(tmp_path):
         model = RegionCLIP(clip_model="shared-name-tiny", checkpoint=str(path), detector="fasterrcnn_mobilenet_v3_large_320_fpn",
                            device="cpu")
         assert model.clip.context_length == context
+
+
+@pytest.mark.parametrize("shaped", [True, False])
+def test_caption_regions_reach_the_rpn_as_positives_and_ignore_regions(shaped, tiny_shapes, clip_model, tmp_path,
+                                                                        monkeypatch):
+    """loss.proposal_caption_positives / proposal_ignore_captions: the very boxes the teacher
+    picks for caption concepts (those the region loss trains on) go to the proposal stage as
+    positives and ignore regions; switched off, the proposal stage gets none."""
+    import regionclip.train.loop as loop
+    from regionclip.proposals import ProposalStage
+    from regionclip.train.stages import RegionConceptLoss
+
+    handed, picked = [], []
+    real_train, real_pick = ProposalStage.forward_train, RegionConceptLoss.caption_regions
+
+    def spy_train(self, images, targets, objectness="classify", regions=None):
+        def recorded(proposals):
+            out = regions(proposals)
+            handed.append(out)
+            return out
+        return real_train(self, images, targets, objectness, recorded if regions else None)
+
+    def spy_pick(self, *args):
+        out = real_pick(self, *args)
+        picked.append(out[0])
+        return out
+
+    monkeypatch.setattr(ProposalStage, "forward_train", spy_train)
+    monkeypatch.setattr(RegionConceptLoss, "caption_regions", spy_pick)
+    ignore_seen = []
+    real_sample = loop.sample_regions
+    monkeypatch.setattr(loop, "sample_regions", lambda *a, ignore=None, **k: ignore_seen.append(ignore) or real_sample(
+        *a, ignore=ignore, **k))
+    cfg = _stage(tiny_shapes, tmp_path / "run", "finetune", optim={"max_steps": 3},
+                 loss={"caption_regions": True, "proposal_ignore_captions": shaped, "proposal_caption_positives": shaped},
+                 pretrain={"teacher": str(clip_model / "preset.yaml"), "proposals_per_image": 8, "use_boxes": True,
+                           "threshold": 0.0})
+    train(cfg)
+    assert len(picked) == 3  # one pick per step, made once and shared
+    if not shaped:
+        assert handed == [] and ignore_seen == [None] * 3
+        return
+    assert len(handed) == 3 and sum(len(b) for boxes in picked for b in boxes) > 0
+    for (ignore, positives), boxes, sampled in zip(handed, picked, ignore_seen):
+        assert ignore is positives is boxes is sampled

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,6 +54,52 @@ MAX_SHAPE_FRAC = 0.4  # largest object side as a fraction of the image's shorter
 MAX_PAIR_IOU = 0.1  # shapes may touch and overlap slightly, never hide each other
 COLOUR_JITTER = 20  # per-channel +- around the nominal colour
 EMPTY_PROB = 0.05  # share of images with no objects (detectors must learn to say nothing)
+
+
+@dataclass(frozen=True)
+class Style:
+    """One generated world: what objects look like, how many, and how busy the background is.
+
+    A style other than the default is a held-out check: a method chosen on ``shapes`` is
+    reported on a world it was never tuned on (other shapes, colours, sizes, clutter and share
+    of novel objects). Category names are ``"<colour> <shape>"`` in colour-major order.
+    """
+
+    colours: dict[str, tuple[int, int, int]]
+    shapes: tuple[str, ...]
+    novel: tuple[str, ...]
+    clutter_colours: tuple[tuple[int, int, int], ...]  # never a target colour
+    min_px: int = MIN_SHAPE_PX
+    max_frac: float = MAX_SHAPE_FRAC
+    max_objects: int = 6
+    clutter_lines: int = 7  # at most this many minus one thin lines ...
+    clutter_blobs: int = 9  # ... and small blobs
+    # Chance that an object is drawn from the novel categories; None: every category alike
+    # (3 of 12 novel). Training images keep novel objects unlabelled (data.use_base_only), so
+    # this is the share of unlabelled objects a proposal stage sees in training.
+    novel_prob: float | None = None
+
+    @property
+    def categories(self) -> list[str]:
+        return [f"{c} {s}" for c in self.colours for s in self.shapes]
+
+    @property
+    def base(self) -> list[str]:
+        return [name for name in self.categories if name not in self.novel]
+
+
+STYLES: dict[str, Style] = {
+    "shapes": Style(dict(COLOURS), SHAPES, tuple(NOVEL), tuple(CLUTTER_COLOURS)),
+    # The held-out world: no shape and no colour of the default one, smaller and larger objects,
+    # more of them, busier clutter, and twice the default share of novel (unlabelled) objects.
+    "alt": Style(
+        colours={"orange": (245, 135, 20), "purple": (125, 45, 200), "cyan": (25, 200, 215), "pink": (250, 125, 190)},
+        shapes=("star", "hexagon", "cross"),
+        novel=("orange star", "purple hexagon", "cyan cross"),
+        clutter_colours=((128, 128, 128), (60, 60, 60), (200, 200, 200), (110, 120, 60), (90, 70, 50)),
+        min_px=12, max_frac=0.5, max_objects=8, clutter_lines=10, clutter_blobs=14, novel_prob=0.5,
+    ),
+}
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -102,16 +149,17 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _clutter(rng: np.random.Generator, img: np.ndarray) -> None:
+def _clutter(rng: np.random.Generator, img: np.ndarray, style: Style) -> None:
     """Thin lines and small blobs in non-target colours, drawn in place."""
     h, w = img.shape[:2]
-    for _ in range(int(rng.integers(0, 7))):
-        colour = CLUTTER_COLOURS[int(rng.integers(len(CLUTTER_COLOURS)))]
+    palette = style.clutter_colours
+    for _ in range(int(rng.integers(0, style.clutter_lines))):
+        colour = palette[int(rng.integers(len(palette)))]
         p1 = (int(rng.integers(w)), int(rng.integers(h)))
         p2 = (int(rng.integers(w)), int(rng.integers(h)))
         cv2.line(img, p1, p2, colour, int(rng.integers(1, 3)), cv2.LINE_AA)
-    for _ in range(int(rng.integers(0, 9))):
-        colour = CLUTTER_COLOURS[int(rng.integers(len(CLUTTER_COLOURS)))]
+    for _ in range(int(rng.integers(0, style.clutter_blobs))):
+        colour = palette[int(rng.integers(len(palette)))]
         centre = (int(rng.integers(w)), int(rng.integers(h)))
         axes = (int(rng.integers(2, 7)), int(rng.integers(2, 7)))
         cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
@@ -132,14 +180,36 @@ def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, side: int)
         edge = side / (np.cos(tilt) + abs(np.sin(tilt)))  # the tilted square's extent stays ``side``
         offsets = [tilt + np.pi / 4 + k * np.pi / 2 for k in range(4)]
         radius = edge / np.sqrt(2)
-    else:
+    elif shape == "triangle":
         angle = rng.uniform(0, 2 * np.pi)
         offsets = [angle + k * 2 * np.pi / 3 for k in range(3)]
         radius = r
-    pts = np.array([[cx + radius * np.cos(a), cy + radius * np.sin(a)] for a in offsets])
+    else:
+        offsets, radius = _outline(rng, shape, r)
+    radii = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(offsets),))
+    pts = np.array([[cx + q * np.cos(a), cy + q * np.sin(a)] for a, q in zip(offsets, radii)])
     # Sub-pixel vertices (4 fractional bits) keep small shapes from snapping to a coarse grid.
     cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
     return mask
+
+
+def _outline(rng: np.random.Generator, shape: str, r: float) -> tuple[list[float], np.ndarray]:
+    """Polar vertices ``(angles, radii)`` of the held-out style's shapes, extent about ``2 r``."""
+    angle = rng.uniform(0, 2 * np.pi)
+    if shape == "hexagon":
+        return [angle + k * np.pi / 3 for k in range(6)], np.full(6, r)
+    if shape == "star":  # five points, inner radius 0.45: unmistakably not a hexagon or a cross
+        return [angle + k * np.pi / 5 for k in range(10)], np.array([r, 0.45 * r] * 5)
+    if shape == "cross":  # a plus sign whose arms are a third of its extent wide
+        half = np.arctan2(1.0, 3.0)  # the arm's corner seen from the centre: (r/3, r)
+        inner = np.hypot(1.0, 1.0) * r / 3
+        angles, radii = [], []
+        for k in range(4):
+            a = angle + k * np.pi / 2
+            angles += [a - half, a + half, a + np.pi / 4]
+            radii += [np.hypot(1.0, 3.0) * r / 3, np.hypot(1.0, 3.0) * r / 3, inner]
+        return angles, np.array(radii)
+    raise BadInput(f"unknown shape {shape!r}")
 
 
 def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
@@ -153,37 +223,41 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
 def render_shapes_image(
     rng: np.random.Generator,
     size: int | tuple[int, int] = (384, 384),
-    max_objects: int = 6,
+    max_objects: int | None = None,
     empty_prob: float = EMPTY_PROB,
+    style: Style | str = "shapes",
 ) -> tuple[np.ndarray, list[tuple[tuple[int, int, int, int], str]]]:
     """Draw one image of coloured shapes on a cluttered background.
 
     Args:
         rng: the generator all randomness comes from (the image is a function of its state).
         size: ``(height, width)`` in pixels, or one int for a square image; each side >= 64.
-        max_objects: at most this many shapes (fewer when placement would overlap too much).
+        max_objects: at most this many shapes (fewer when placement would overlap too much);
+            None: the style's.
         empty_prob: chance of an image with no shapes at all.
+        style: a ``Style`` or a name in ``STYLES``: what the objects and background look like.
 
     Returns:
         ``(rgb, objects)``: ``rgb`` is an HxWx3 uint8 RGB array; ``objects`` lists
         ``(box_xyxy, name)`` with integer pixel boxes ``x1, y1, x2, y2`` (x2/y2 exclusive: the
-        tight box of the shape's pixels) and ``name`` one of ``CATEGORIES``. Boxes are amodal:
+        tight box of the shape's pixels) and ``name`` one of the style's categories. Boxes are amodal:
         a later shape may cover a sliver of an earlier one.
     """
+    style = get_style(style)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(h, w) < 64:
         raise BadInput(f"image size must be at least 64 px a side, but got {h}x{w}")
+    max_objects = style.max_objects if max_objects is None else max_objects
     img = _background(rng, h, w)
-    _clutter(rng, img)
+    _clutter(rng, img, style)
     objects: list[tuple[tuple[int, int, int, int], str]] = []
     n = 0 if rng.random() < empty_prob else int(rng.integers(1, max_objects + 1))
-    max_side = max(MIN_SHAPE_PX + 1, int(MAX_SHAPE_FRAC * min(h, w)))
+    max_side = max(style.min_px + 1, int(style.max_frac * min(h, w)))
     for _ in range(n):
         for _attempt in range(30):
             # Log-uniform sizes: as many small objects as large ones, as in real detection data.
-            side = int(np.exp(rng.uniform(np.log(MIN_SHAPE_PX), np.log(max_side))))
-            shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            side = int(np.exp(rng.uniform(np.log(style.min_px), np.log(max_side))))
+            colour, shape = _draw_category(rng, style)
             mask = _shape_mask(rng, shape, h, w, side)
             ys, xs = np.nonzero(mask >= 128)
             if len(xs) == 0:
@@ -193,11 +267,31 @@ def render_shapes_image(
                 break
         else:
             continue  # no room left for this one; fewer objects is fine
-        rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
+        rgb = np.clip(np.array(style.colours[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
         alpha = mask.astype(np.float32)[..., None] / 255.0
         img = (img * (1 - alpha) + rgb[None, None].astype(np.float32) * alpha + 0.5).astype(np.uint8)
         objects.append((box, f"{colour} {shape}"))
     return img, objects
+
+
+def get_style(style: Style | str) -> Style:
+    """A ``Style`` as given, or the one named in ``STYLES``."""
+    if isinstance(style, Style):
+        return style
+    if style not in STYLES:
+        raise BadInput(f"unknown shapes style {style!r}: use one of {', '.join(STYLES)}")
+    return STYLES[style]
+
+
+def _draw_category(rng: np.random.Generator, style: Style) -> tuple[str, str]:
+    """``(colour, shape)`` of the next object."""
+    if style.novel_prob is None:  # the default world's draw order, so its images never change
+        shape = style.shapes[int(rng.integers(len(style.shapes)))]
+        colour = list(style.colours)[int(rng.integers(len(style.colours)))]
+        return colour, shape
+    pool = list(style.novel) if rng.random() < style.novel_prob else style.base
+    colour, shape = pool[int(rng.integers(len(pool)))].split(" ", 1)
+    return colour, shape
 
 
 def _plural(name: str) -> str:
@@ -260,9 +354,10 @@ def shape_captions(
     return captions
 
 
-def split_dict() -> dict[str, list[str]]:
-    """The shapes base/novel split, as written to ``split.yaml``."""
-    return {"base": list(BASE), "novel": list(NOVEL)}
+def split_dict(style: Style | str = "shapes") -> dict[str, list[str]]:
+    """The style's base/novel split, as written to ``split.yaml``."""
+    style = get_style(style)
+    return {"base": style.base, "novel": list(style.novel)}
 
 
 def make_shapes(
@@ -273,6 +368,7 @@ def make_shapes(
     image_size: tuple[int, int] = (256, 512),
     progress: Callable[[int], None] | None = None,
     captions_per_image: int = 5,
+    style: Style | str = "shapes",
 ) -> dict[str, Path]:
     """Write the shapes data set: JPEGs, COCO annotations, captions and the base/novel split.
 
@@ -289,6 +385,8 @@ def make_shapes(
         progress: called with the number of images written so far after each image.
         captions_per_image: phrasings per image; 0 writes no captions files. Images and
             instances files are the same whatever this is.
+        style: the world drawn (``STYLES``): ``shapes`` (the default, 12 classes) or ``alt``
+            (other shapes, colours, sizes and clutter; a held-out check).
 
     Returns:
         Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
@@ -300,6 +398,9 @@ def make_shapes(
             found before anything is drawn.
     """
     lo, hi = int(image_size[0]), int(image_size[1])
+    style_name = style if isinstance(style, str) else "custom"
+    style = get_style(style)
+    categories = style.categories
     if n_train < 0 or n_val < 0:
         raise BadInput(f"image counts must be >= 0, but got train={n_train} val={n_val}")
     if lo < 64 or hi < lo:
@@ -329,7 +430,7 @@ def make_shapes(
         for i in range(count):
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
             h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
-            img, objects = render_shapes_image(rng, (h, w))
+            img, objects = render_shapes_image(rng, (h, w), style=style)
             file_name = f"{i:06d}.jpg"
             target = paths[f"{split}_images"] / file_name
             if not cv2.imwrite(str(target), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]):
@@ -340,7 +441,7 @@ def make_shapes(
                 annotations.append({
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": CATEGORIES.index(name) + 1,
+                    "category_id": categories.index(name) + 1,
                     "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                     "area": float((x2 - x1) * (y2 - y1)),
                     "iscrowd": 0,
@@ -357,10 +458,11 @@ def make_shapes(
             if progress is not None:
                 progress(written)
         coco = {
-            "info": {"description": f"regionclip synthetic shapes ({split})", "seed": seed},
+            "info": {"description": f"regionclip synthetic shapes ({split})", "seed": seed,
+                     **({"style": style_name} if style is not STYLES["shapes"] else {})},
             "images": images,
             "annotations": annotations,
-            "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CATEGORIES)],
+            "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(categories)],
         }
         atomic_write_text(paths[f"{split}_annotations"], json.dumps(coco, indent=1) + "\n")
         if captions_per_image:
@@ -370,5 +472,5 @@ def make_shapes(
                 "annotations": captions,
             }
             atomic_write_text(paths[f"{split}_captions"], json.dumps(captions_file, indent=1) + "\n")
-    atomic_write_text(paths["split"], yaml.safe_dump(split_dict(), sort_keys=False))
+    atomic_write_text(paths["split"], yaml.safe_dump(split_dict(style), sort_keys=False))
     return paths

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from ..config import ModelConfig, from_dict, load_config, to_dict
 from ..errors import BadConfig
+from ..objectness import OBJECTNESS
 
 
 @dataclass
@@ -67,6 +68,19 @@ class LossConfig:
     positive_samples: int = 4  # proposals with IoU >= positive_iou to a GT box, trained with its label
     positive_iou: float = 0.5
     proposal_loss_weight: float = 1.0  # weight of the Faster R-CNN losses when train_proposals
+    # What the RPN's objectness learns (regionclip/objectness.py): "classify" (torchvision: every
+    # anchor off a labelled box is background, unlabelled objects included) or "centerness"
+    # (OLN: how well an anchor sits on a labelled box, positives only, so objects nobody
+    # labelled are never pushed down).
+    proposal_objectness: str = "classify"
+    # With caption_regions (inert without): the boxes the teacher picks for caption concepts no
+    # box labels are ignore regions (left out of the RPN's negatives, the second stage's and the
+    # region classifier's background samples) ...
+    proposal_ignore_captions: bool = True
+    # ... and positives of the RPN: captions then teach the proposals, not only the labels. Both
+    # on, 300 steps on the demo lifted novel recall@10 on shapes val from 32 to 76% and novel
+    # AP50 from 69.9 to 93.7 (README "Proposals for what nobody labelled").
+    proposal_caption_positives: bool = True
     # Class-agnostic box refinement (regionclip/box_head.py): > 0 trains a box-regression head on
     # the raw region features of the sampled positives and GT boxes (smooth L1 on Fast R-CNN's
     # deltas) and the written preset applies it (regions.box_refinement).
@@ -244,6 +258,9 @@ def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
             raise BadConfig(f"{path}: clip_configs.{name} must be an open_clip config with embed_dim, vision_cfg, text_cfg")
     if not (cfg.train.train_image_tower or cfg.train.train_text_tower or cfg.train.train_proposals):
         raise BadConfig(f"{path}: nothing to train: enable one of train.train_image_tower/train_text_tower/train_proposals")
+    if lc.proposal_objectness not in OBJECTNESS:
+        raise BadConfig(f"{path}: loss.proposal_objectness must be one of {', '.join(OBJECTNESS)}, "
+                        f"not {lc.proposal_objectness!r}")
     if lc.box_regression_weight < 0 or lc.box_head_hidden < 0:
         raise BadConfig(f"{path}: loss.box_regression_weight and loss.box_head_hidden must be >= 0")
     pc = cfg.pretrain

@@ -31,6 +31,7 @@ from ..config import dump_config, to_dict
 from ..data import CocoDetection, collate, load_split
 from ..detector import RegionCLIP
 from ..errors import BadConfig, BadInput
+from ..objectness import IGNORE_IOU
 from ..proposals import frozen_backbone_prefixes
 from ..eval_dataset import evaluate_model
 from ..runtime import autocast_for, resolve_device
@@ -84,19 +85,32 @@ class RegionTextLoss(nn.Module):
         # One backbone + RPN pass serves both the proposal losses and the region sampling.
         targets_in = targets
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        picked = None  # the teacher's caption regions, picked once from this step's proposals
+
+        def caption_boxes(proposals):
+            nonlocal picked
+            picked = self.captions.caption_regions(batch, proposals, targets_in)
+            return (picked[0] if lc.proposal_ignore_captions else None,
+                    picked[0] if lc.proposal_caption_positives else None)
+
         if run.train_proposals:
-            proposals, det_losses = m.proposals.forward_train(batch.images(), targets)
+            shaped = self.captions is not None and (lc.proposal_ignore_captions or lc.proposal_caption_positives)
+            proposals, det_losses = m.proposals.forward_train(
+                batch.images(), targets, lc.proposal_objectness, caption_boxes if shaped else None)
             losses = {k: v * lc.proposal_loss_weight for k, v in det_losses.items()}
         elif lc.positive_samples or lc.background_samples or lc.background_far_samples:
             with torch.no_grad():
                 proposals = list(zip(*m.propose(batch)))
         else:
             proposals = [(t["boxes"].new_zeros((0, 4)), t["boxes"].new_zeros((0,))) for t in targets]
+        if self.captions is not None and picked is None:
+            caption_boxes(proposals)
         background = len(self.vocab)
-        boxes, labels, matched = sample_regions(proposals, targets_in, lc, background=background)
+        ignore = picked[0] if picked is not None and lc.proposal_ignore_captions else None
+        boxes, labels, matched = sample_regions(proposals, targets_in, lc, background=background, ignore=ignore)
         regress = [torch.ones(len(b), dtype=torch.bool, device=labels.device) for b in boxes]
         if self.captions is not None:
-            extra, concepts = self.captions.caption_regions(batch, proposals, targets_in)
+            extra, concepts = picked
             per_image = list(labels.split([len(b) for b in boxes]))
             for i, (e, c) in enumerate(zip(extra, concepts)):
                 boxes[i] = torch.cat([boxes[i], e])
@@ -122,7 +136,8 @@ class RegionTextLoss(nn.Module):
         return losses, len(labels)
 
 
-def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def sample_regions(proposals, targets, lc, background: int,
+                   ignore: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The regions one step trains on, as Fast R-CNN samples its RoIs, from ``proposals``
     (per image ``(boxes (K, 4) xyxy, objectness (K,))``, e.g. ``RegionCLIP.propose``'s): every
     GT box with its label; up to ``lc.positive_samples`` proposals per image with IoU >=
@@ -132,9 +147,11 @@ def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.
     ``lc.background_far_samples`` below ``lc.background_iou_min`` with objectness at most
     ``lc.background_far_max_objectness``, all labelled ``background``. Returns per-image boxes,
     the (sum N,) labels and per-image matched GT boxes (a box regression target; a background
-    region's is its own box)."""
+    region's is its own box). ``ignore`` (per image, (M, 4) xyxy) keeps background samples off
+    those boxes (IoU < ``objectness.IGNORE_IOU``): regions of objects nobody labelled."""
     boxes, labels, matched = [], [], []
-    for (p, objectness), t in zip(proposals, targets):
+    ignore = ignore if ignore is not None else [None] * len(targets)
+    for (p, objectness), t, ig in zip(proposals, targets, ignore):
         p, objectness = p.detach(), objectness.detach()
         big = (p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)
         p = p[big].float()
@@ -144,8 +161,11 @@ def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.
         else:  # an image without objects: every proposal is background
             iou, match = p.new_zeros(len(p)), torch.zeros(len(p), dtype=torch.long, device=p.device)
         pos = torch.nonzero(iou >= lc.positive_iou).flatten()
-        neg = torch.nonzero((iou < lc.background_iou) & (iou >= lc.background_iou_min)).flatten()
-        far = torch.nonzero((iou < lc.background_iou_min) & ~sure).flatten()
+        free = torch.ones_like(sure)
+        if ig is not None and len(ig):
+            free = box_iou(p, ig.float()).max(dim=1).values < IGNORE_IOU
+        neg = torch.nonzero((iou < lc.background_iou) & (iou >= lc.background_iou_min) & free).flatten()
+        far = torch.nonzero((iou < lc.background_iou_min) & ~sure & free).flatten()
         pos = pos[torch.randperm(len(pos))[:lc.positive_samples].to(pos.device)]
         neg = torch.cat([neg[torch.randperm(len(neg))[:lc.background_samples].to(neg.device)],
                          far[torch.randperm(len(far))[:lc.background_far_samples].to(far.device)]])
@@ -158,8 +178,10 @@ def sample_regions(proposals, targets, lc, background: int) -> tuple[list[torch.
 def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
              world: int = 1, batch_size: int = 8) -> dict[str, float | None]:
     """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own
-    code. With ``world`` > 1 every process runs its share of the batches and the detections are
-    gathered before scoring; every process gets the same figures as one process would."""
+    code; under ``"R50@100"`` the class-agnostic proposal recall at IoU 0.5 within the top 100
+    per part (``regionclip/recall.py``). With ``world`` > 1 every process runs its share of the
+    batches and the detections are gathered before scoring; every process gets the same figures
+    as one process would."""
     model.eval()
     model.text.clear()  # the text tower may have changed since the last cached embeddings
     gather = None
@@ -170,7 +192,8 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
             return parts
     report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names,
                                batch_size=batch_size, workers=0, shard=(rank, world), gather=gather)
-    return {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
+    ap = {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
+    return {**ap, "R50@100": {part: row["R50@100"] for part, row in report["proposal_recall"].items()}}
 
 
 def _build(model_cfg, run) -> RegionCLIP:
@@ -407,7 +430,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         key = "base" if "base" in ap else "overall"
         result.evals.append({"step": step, **ap})
         if rank == 0:
-            log({"step": step, "val_AP50": ap})
+            log({"step": step, "val_AP50": {k: v for k, v in ap.items() if k != "R50@100"},
+                 "val_R50@100": ap["R50@100"]})
             if progress:
                 progress({"step": step, "eval": ap})
         if ap[key] is not None and (best is None or ap[key] > best):

@@ -217,7 +217,8 @@ class RegionConceptLoss(nn.Module):
         losses = {}
         boxes_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         if run.train_proposals:
-            proposals, det_losses = m.proposals.forward_train(batch.images(), boxes_targets)
+            proposals, det_losses = m.proposals.forward_train(batch.images(), boxes_targets,
+                                                              self.cfg.loss.proposal_objectness)
             losses = {k: v * self.cfg.loss.proposal_loss_weight for k, v in det_losses.items()}
         else:
             with torch.no_grad():
