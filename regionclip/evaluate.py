@@ -81,6 +81,23 @@ def load_ground_truth(path: str | os.PathLike) -> COCO:
     return coco
 
 
+def first_images(coco: COCO, n: int | None) -> COCO:
+    """``coco`` restricted to its ``n`` lowest image ids and their annotations (all of it when
+    ``n`` is None or covers every image). The same subset whoever asks: every DDP rank and every
+    evaluation of a run score the same images."""
+    if n is None or n >= len(coco.imgs):
+        return coco
+    keep = set(sorted(coco.imgs)[: max(int(n), 1)])
+    data = dict(coco.dataset)
+    data["images"] = [im for im in coco.dataset["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in coco.dataset["annotations"] if a["image_id"] in keep]
+    subset = COCO()
+    subset.dataset = data
+    with _quiet():
+        subset.createIndex()
+    return subset
+
+
 def check_results(coco_gt: COCO, records: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Validate COCO results records against the ground truth; return clean copies.
 

@@ -161,9 +161,13 @@ class ProposalStage(nn.Module):
         rpn = self.detector.rpn
         feats = list(features.values())
         logits, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(images, feats)
+        # Geometry in fp32 whatever the autocast: the generator takes the feature maps' dtype
+        # and decode the deltas', and bf16 keeps 8 bits of mantissa (past 512 px every
+        # coordinate a multiple of 4). Empty fp32 views carry the maps' sizes and device.
+        anchors = rpn.anchor_generator(images, [f[:, :0].float() for f in feats])
         per_level = [o[0].numel() for o in logits]
         logits, deltas = concat_box_prediction_layers(logits, deltas)
+        logits, deltas = logits.float(), deltas.float()
         n = len(anchors)
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(n, -1, 4)
         masked = self._mask_padding(logits.detach().view(n, -1), anchors, images.image_sizes,

@@ -30,16 +30,18 @@ def region_logits(regions: torch.Tensor, text_emb: torch.Tensor, scale: float | 
     ``scale * cosine``; with ``background`` a last column: zeros (a zero "background"
     embedding, the constant logit training used), or ``scale * normalize(region) . background_embedding``
     for a learned (1, D) one, used as stored (RegionCLIP's ``cls_bg_score``, not normalised).
-    ``scale`` may be a tensor with gradients.
+    ``scale`` may be a tensor with gradients. Computed in fp32 whatever the autocast around it:
+    a bf16 matmul rounds logits at scale 100 to steps of about 0.25, and the softmax reads them.
     """
-    regions = F.normalize(regions.float(), dim=-1)
-    logits = scale * regions @ text_emb.float().T
-    if background:
-        if background_embedding is None:
-            bg = logits.new_zeros((len(logits), 1))
-        else:
-            bg = scale * regions @ background_embedding.float().reshape(1, -1).T
-        logits = torch.cat([logits, bg], dim=1)
+    with torch.autocast(regions.device.type, enabled=False):
+        regions = F.normalize(regions.float(), dim=-1)
+        logits = scale * regions @ text_emb.float().T
+        if background:
+            if background_embedding is None:
+                bg = logits.new_zeros((len(logits), 1))
+            else:
+                bg = scale * regions @ background_embedding.float().reshape(1, -1).T
+            logits = torch.cat([logits, bg], dim=1)
     return logits
 
 
@@ -87,7 +89,7 @@ def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringCon
     rows, label_ids = torch.nonzero(scores > cfg.score_threshold, as_tuple=True)
     boxes, kept = boxes_xyxy.float()[rows], scores.float()[rows, label_ids]
     if cfg.soft_nms:
-        keep, kept = batched_soft_nms(boxes, kept, label_ids)
+        keep, kept = batched_soft_nms(boxes, kept, label_ids, max_picks=cfg.max_detections)
     else:
         keep = batched_nms(boxes, kept, label_ids, cfg.nms_iou)
         kept = kept[keep]
@@ -98,14 +100,16 @@ def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringCon
 
 
 def batched_soft_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,
-                     sigma: float = SOFT_NMS_SIGMA, prune: float = SOFT_NMS_PRUNE
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     sigma: float = SOFT_NMS_SIGMA, prune: float = SOFT_NMS_PRUNE,
+                     max_picks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian soft-NMS within each value of ``idxs`` (Bodla et al. 2017), as RegionCLIP runs it.
 
     ``boxes_xyxy`` (N, 4), ``scores`` (N,), ``idxs`` (N,) labels. Repeatedly takes the best box and
     multiplies every other score by ``exp(-IoU^2 / sigma)``, dropping those at or below ``prune``.
     Returns ``(keep, rescored)``: indices into the inputs and their new scores, in decreasing order.
-    One step per kept box: sequential, so meant for the few thousand pairs above a threshold.
+    One step per kept box. ``max_picks`` stops after that many: a score is only ever multiplied
+    by factors <= 1, so no later pick outranks an earlier one and the first ``max_picks`` are
+    exactly those of the full run (RegionCLIP keeps 100 of up to 65,000 pairs per image).
     """
     if not len(boxes_xyxy):
         return idxs.new_zeros((0,), dtype=torch.int64), scores.new_zeros((0,))
@@ -113,7 +117,7 @@ def batched_soft_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, idxs: torch
     shifted = boxes_xyxy.float() + (idxs.to(boxes_xyxy) * (boxes_xyxy.max() + 1))[:, None]
     left, order = scores.float().clone(), torch.arange(len(scores), device=scores.device)
     keep, rescored = [], []
-    while len(left):
+    while len(left) and (max_picks is None or len(keep) < max_picks):
         top = torch.argmax(left)
         keep.append(order[top])
         rescored.append(left[top])

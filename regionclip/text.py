@@ -252,8 +252,11 @@ class TextEncoder:
         return torch.stack([self._memory[lb] for lb in labels]).to(self.device)
 
     def clear(self) -> None:
-        """Forget in-memory embeddings (after the text tower's weights change)."""
+        """Forget in-memory embeddings (after the text tower's weights change) and stop using the
+        disk cache: its key names the weights this encoder was built with, and a training run's
+        validation must neither read those embeddings nor store its own under that key."""
         self._memory.clear()
+        self.cache_file = None
 
     def _load_disk(self) -> None:
         if self._disk_loaded or self.cache_file is None:

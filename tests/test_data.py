@@ -206,6 +206,26 @@ def test_crowd_and_degenerate_boxes_are_skipped_and_empty_image_is_kept(tiny_coc
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
+def test_boxes_left_under_a_pixel_by_clipping_or_resizing_are_dropped_and_counted(tiny_coco):
+    """Real COCO has boxes partly or wholly outside their image: checked only in the file, they
+    became zero-wide after clipping and the box regression targets went infinite."""
+    path, images = tiny_coco
+    data = json.loads(path.read_text())
+    data["annotations"] += [
+        {"id": 10, "image_id": 1, "category_id": 7, "bbox": [59.5, 10, 10, 10], "iscrowd": 0},  # 0.5 px inside
+        {"id": 11, "image_id": 1, "category_id": 3, "bbox": [70, 10, 10, 10], "iscrowd": 0},  # wholly outside
+        {"id": 12, "image_id": 1, "category_id": 7, "bbox": [0, 0, 3, 1.5], "iscrowd": 0},  # 0.75 px high at half size
+    ]
+    path.write_text(json.dumps(data))
+    _, target = CocoDetection(path, images)[0]
+    assert target["labels"].tolist() == [1, 0, 1] and target["dropped"] == 2, target
+    _, small = CocoDetection(path, images, max_side=30)[0]
+    assert small["labels"].tolist() == [1, 0] and small["dropped"] == 3, small
+    for t in (target, small):
+        wh = t["boxes"][:, 2:] - t["boxes"][:, :2]
+        assert bool((wh >= 1).all()) and type(t["boxes"]) is torch.Tensor, t["boxes"]
+
+
 def test_category_subset_drops_other_annotations(shapes):
     ds = CocoDetection(shapes["train_annotations"], shapes["train_images"], categories=NOVEL)
     assert ds.category_names == NOVEL

@@ -194,3 +194,37 @@ def test_proposal_score_floor_is_configurable_and_restorable():
     assert rpn.score_thresh == pytest.approx(0.05)
     with pytest.raises(BadInput, match="score_threshold must be in"):
         model.proposals.configure(replace(model.cfg.proposals, score_threshold=1.5))
+
+
+def test_bf16_autocast_keeps_proposal_geometry_and_logits_in_fp32():
+    """Under bf16 autocast (what precision auto runs on CUDA; CPU autocasts the same way) the
+    anchors equal the fp32 ones, decoded boxes keep sub-pixel coordinates past 512 px (bf16 has
+    8 mantissa bits: every coordinate there a multiple of 4), and region logits are fp32 values."""
+    from dataclasses import replace
+
+    from conftest import tiny_model
+    from regionclip.scoring import region_logits
+
+    model = tiny_model()
+    stage = model.proposals
+    stage.configure(replace(model.cfg.proposals, min_size=800, max_size=1216))
+    torch.manual_seed(0)
+    images = [torch.rand(3, 800, 1216)]
+    with torch.inference_mode():
+        batch, _ = stage.detector.transform(images)
+        features = stage.detector.backbone(batch.tensors)
+        _, _, (_, _, anchors32) = stage._rpn(batch, features)
+        with torch.autocast("cpu", torch.bfloat16):
+            half = {k: v.bfloat16() for k, v in features.items()}  # what autocast's backbone hands on
+            boxes, _, (_, deltas, anchors16) = stage._rpn(batch, half)
+    assert anchors16[0].dtype == torch.float32 and deltas.dtype == torch.float32
+    torch.testing.assert_close(anchors16[0], anchors32[0], rtol=0, atol=0)
+    far = boxes[0][boxes[0] > 512]
+    assert len(far) and bool((far % 4 != 0).any()), far[:8]
+
+    regions, text = torch.randn(50, 32), torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
+    want = region_logits(regions, text, 100.0, True)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = region_logits(regions, text, 100.0, True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2)

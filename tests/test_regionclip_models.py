@@ -236,6 +236,12 @@ def test_soft_nms_is_regionclips():
     assert torch.equal(keep, want_keep)
     torch.testing.assert_close(rescored, want_scores)
     assert len(keep) < 300 and bool((rescored[:-1] >= rescored[1:]).all())
+    # Stopping after the first K picks gives exactly the full run's first K (what select_pairs
+    # asks for with max_detections): 0.08 s instead of 19 s per image at RegionCLIP's settings.
+    for k in (1, 17, len(keep), len(keep) + 5):
+        first_keep, first_scores = batched_soft_nms(boxes, scores, labels, max_picks=k)
+        assert torch.equal(first_keep, want_keep[:k])
+        torch.testing.assert_close(first_scores, want_scores[:k])
 
 
 def test_text_embeddings_replace_the_text_tower(models, tmp_path):

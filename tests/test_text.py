@@ -168,3 +168,27 @@ def test_other_encode_fn_keeps_full_context():
             enc.embed(LABELS[:2])
         handle.remove()
         assert set(seen) == {77}
+
+
+def test_disk_cache_is_not_poisoned_when_the_tower_changes(tmp_path):
+    """After ``clear()`` (the tower's weights changed, e.g. a validation during training) the
+    encoder neither reads the embeddings stored under its build-time key nor writes new ones
+    there: a fresh encoder with that key still gets the original weights' embeddings."""
+    scale = {"value": 1.0}
+
+    def encode(tokens):  # a "tower" whose weights change with scale
+        return torch.nn.functional.one_hot(tokens[:, 1] % 8, 8).float() + scale["value"] * torch.arange(8.0)
+
+    def build():
+        return TextEncoder(encode, TOKENIZER, ["a {}"], "weights-v1", CPU, cache_dir=tmp_path)
+
+    before = build()(["cat", "dog"])
+    scale["value"] = -3.0  # training moved the tower
+    trained = build()
+    trained.clear()
+    after = trained(["cat", "dog"])
+    assert not torch.allclose(after, before)  # computed with the new weights, not read from disk
+    scale["value"] = 1.0
+    fresh = build()
+    fresh.encode_fn = lambda t: (_ for _ in ()).throw(AssertionError("should come from the cache"))
+    torch.testing.assert_close(fresh(["cat", "dog"]), before)

@@ -382,3 +382,74 @@ def test_checkpoints_carry_the_loss_scaler_state(tiny_shapes, tmp_path):
     """fp32/bf16 runs save the (disabled) scaler too, so every checkpoint resumes the same way."""
     train(tiny_config(tiny_shapes, tmp_path / "s", optim={"max_steps": 1, "warmup_steps": 1}))
     assert "scaler" in load_checkpoint(tmp_path / "s" / "last.pt")
+
+
+def test_training_samples_by_objectness_probabilities_under_the_regionclip_recipe(tiny_shapes, tmp_path, monkeypatch):
+    """A model whose scoring fuses raw RPN logits (scoring.recipe regionclip) still hands the
+    region sampler probabilities in [0, 1] when its proposals do not train (the propose() path):
+    its thresholds and rankings read objectness as one, and a raw logit is negative below 0.5."""
+    import regionclip.train.loop as loop
+    from regionclip.batch import ImageBatch
+
+    seen = []
+    real = loop.sample_regions
+    monkeypatch.setattr(loop, "sample_regions", lambda proposals, *a, **k: seen.append(
+        torch.cat([o for _, o in proposals])) or real(proposals, *a, **k))
+    cfg = tiny_config(tiny_shapes, tmp_path, train={"train_proposals": False},
+                      model={"scoring": {"recipe": "regionclip", "background": True, "objectness_weight": 0.5,
+                                         "logit_scale": None}})
+    torch.manual_seed(0)
+    model = loop._build(cfg.model, cfg.train)
+    with torch.no_grad():
+        model.proposals.detector.rpn.head.cls_logits.bias.fill_(-2.0)  # an RPN that doubts: logits < 0, sigmoid 0.12
+    step = loop.RegionTextLoss(model, cfg, 1, ["red circle", "green square"])
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0]]), "labels": torch.tensor([0])}]
+    step(ImageBatch.from_tensors([torch.rand(3, 64, 64)]), targets)
+    objectness = torch.cat(seen)
+    assert len(objectness) and bool(((objectness >= 0) & (objectness <= 1)).all()), objectness.min()
+
+
+def test_eval_images_scores_the_same_first_images_every_time(tiny_shapes, tmp_path, monkeypatch):
+    """train.eval_images: each validation scores the N val images with the lowest ids, with their
+    ground truth only (a subset, not the full set with detections missing)."""
+    import regionclip.train.loop as loop
+
+    seen = []
+    real = loop.evaluate_model
+    monkeypatch.setattr(loop, "evaluate_model", lambda model, coco, *a, **k: seen.append(
+        (sorted(coco.imgs), {x["image_id"] for x in coco.dataset["annotations"]})) or real(model, coco, *a, **k))
+    cfg = tiny_config(tiny_shapes, tmp_path, optim={"max_steps": 2, "batch_size": 4},
+                      train={"eval_every": 1, "eval_images": 2, "ckpt_every": 2, "log_every": 1},
+                      data={"val_annotations": str(tiny_shapes["val_annotations"]),
+                            "val_images": str(tiny_shapes["val_images"])})
+    train(cfg)
+    all_ids = sorted(x["id"] for x in json.loads(Path(tiny_shapes["val_annotations"]).read_text())["images"])
+    assert len(all_ids) > 2 and len(seen) == 2  # step 1 and the end
+    for ids, annotated in seen:
+        assert ids == all_ids[:2] and annotated <= set(ids)
+
+
+def test_loader_workers_draw_other_flips_on_each_rank(tiny_shapes, tmp_path):
+    """num_workers > 0: flips are drawn in the workers, seeded from the loader's generator. Two
+    ranks given the same images must not flip them alike (seeded by epoch alone, they did);
+    the same rank and epoch draws the same again (resumable)."""
+    from regionclip.train.loop import _epoch_loader
+
+    data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], train=True, hflip_prob=0.5)
+    cfg = tiny_config(tiny_shapes, tmp_path, train={"num_workers": 1})
+
+    class Same:  # both ranks get the same 16 images, so only the flips can differ
+        def set_epoch(self, epoch):
+            pass
+
+        def __iter__(self):
+            return iter(range(len(data)))
+
+    def flips(rank: int, epoch: int = 0) -> list[list[float]]:
+        out = []
+        for images, targets in _epoch_loader(data, Same(), epoch, 0, 4, cfg, rank):
+            # A flip shows in the first column of pixels (the old last one).
+            out += [img[:, :, 0].flatten()[:8].tolist() for img in images]
+        return out
+
+    assert flips(0) == flips(0) and flips(0) != flips(1) and flips(0) != flips(0, epoch=1)

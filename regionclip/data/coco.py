@@ -14,12 +14,16 @@ import torch
 import torch.nn.functional as F
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.ops import clip_boxes_to_image
+from torchvision.transforms import v2
 
 from ..errors import BadAnnotations, BadConfig, BadInput
 from ..io import load_image, to_tensor
 
 Target = dict[str, Any]
+# Boxes under a pixel wide or high after a geometric step are dropped with their labels.
+_SANITIZE = v2.SanitizeBoundingBoxes(min_size=1.0)
 
 
 def read_json(path: Path, missing: str, kind: str) -> Any:
@@ -64,9 +68,11 @@ class CocoDetection(Dataset):
       longer side is at most ``max_side`` when given.
     - ``target``: ``{"boxes": (N, 4) float32 xyxy in pixels of the RETURNED image,
       "labels": (N,) int64 indices into ``category_names``, "image_id": int,
-      "orig_size": (H, W) of the file}``. An image without kept boxes gives ``boxes`` (0, 4).
+      "orig_size": (H, W) of the file, "dropped": boxes lost to the transforms}``. An image
+      without kept boxes gives ``boxes`` (0, 4).
 
-    Crowd annotations and boxes under 1 px wide or high are skipped; every image is kept, so
+    Crowd annotations and boxes under 1 px wide or high are skipped, in the file and again after
+    clipping to the image and resizing (``dropped`` counts the latter); every image is kept, so
     negatives (no boxes) train the detector to stay quiet. With ``train=True`` images are
     flipped horizontally with probability ``hflip_prob`` (drawn from torch's RNG, so
     ``torch.manual_seed`` and DataLoader worker seeding control it).
@@ -170,7 +176,14 @@ class CocoDetection(Dataset):
             image = image.flip(-1)
             boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
-        target: Target = {"boxes": boxes, "labels": labels, "image_id": int(image_id), "orig_size": (int(h), int(w))}
+        # After every geometric step: a box that clipping or resizing left under a pixel wide
+        # (real COCO has boxes partly or wholly outside their image) would make the box
+        # regression targets infinite. Counted, so a run's log says what it lost.
+        kept = _SANITIZE({"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:])),
+                          "labels": labels})
+        target: Target = {"boxes": kept["boxes"].as_subclass(torch.Tensor), "labels": kept["labels"],
+                          "image_id": int(image_id), "orig_size": (int(h), int(w)),
+                          "dropped": len(boxes) - len(kept["boxes"])}
         return image, target
 
     @staticmethod

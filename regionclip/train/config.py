@@ -151,7 +151,7 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
     ckpt_every: int = 200  # steps between last.pt writes (and always at the end)
     eval_every: int = 0  # steps between val mAP runs; 0 evaluates only at the end
-    eval_images: int | None = None  # first N val images; None uses all
+    eval_images: int | None = None  # the N val images with the lowest ids (same every time); None: all
     log_every: int = 10  # steps between metrics.jsonl lines
     num_workers: int = 0  # DataLoader workers; resume is bit-exact only with 0 (worker RNG restarts)
 
@@ -258,6 +258,8 @@ def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
             raise BadConfig(f"{path}: clip_configs.{name} must be an open_clip config with embed_dim, vision_cfg, text_cfg")
     if not (cfg.train.train_image_tower or cfg.train.train_text_tower or cfg.train.train_proposals):
         raise BadConfig(f"{path}: nothing to train: enable one of train.train_image_tower/train_text_tower/train_proposals")
+    if cfg.train.eval_images is not None and cfg.train.eval_images < 1:
+        raise BadConfig(f"{path}: train.eval_images must be at least 1 (or null for every val image)")
     if lc.proposal_objectness not in OBJECTNESS:
         raise BadConfig(f"{path}: loss.proposal_objectness must be one of {', '.join(OBJECTNESS)}, "
                         f"not {lc.proposal_objectness!r}")

@@ -34,6 +34,7 @@ from ..errors import BadConfig, BadInput
 from ..objectness import IGNORE_IOU
 from ..proposals import frozen_backbone_prefixes
 from ..eval_dataset import evaluate_model
+from ..evaluate import first_images
 from ..runtime import autocast_for, resolve_device
 from ..box_head import BoxRefiner
 from ..weights import register_clip_config
@@ -100,7 +101,9 @@ class RegionTextLoss(nn.Module):
             losses = {k: v * lc.proposal_loss_weight for k, v in det_losses.items()}
         elif lc.positive_samples or lc.background_samples or lc.background_far_samples:
             with torch.no_grad():
-                proposals = list(zip(*m.propose(batch)))
+                # Probabilities whatever the scoring recipe fuses: sampling thresholds and
+                # rankings read objectness as one (a raw RPN logit is negative below 0.5).
+                proposals = list(zip(*m.propose(batch, logits=False)))
         else:
             proposals = [(t["boxes"].new_zeros((0, 4)), t["boxes"].new_zeros((0,))) for t in targets]
         if self.captions is not None and picked is None:
@@ -176,12 +179,13 @@ def sample_regions(proposals, targets, lc, background: int,
 
 
 def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
-             world: int = 1, batch_size: int = 8) -> dict[str, float | None]:
+             world: int = 1, batch_size: int = 8, images: int | None = None) -> dict[str, float | None]:
     """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own
     code; under ``"R50@100"`` the class-agnostic proposal recall at IoU 0.5 within the top 100
     per part (``regionclip/recall.py``). With ``world`` > 1 every process runs its share of the
     batches and the detections are gathered before scoring; every process gets the same figures
-    as one process would."""
+    as one process would. ``images`` (``train.eval_images``) scores the val images with the
+    lowest ids only, the same ones every time."""
     model.eval()
     model.text.clear()  # the text tower may have changed since the last cached embeddings
     gather = None
@@ -190,7 +194,7 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
             parts = [None] * world
             dist.all_gather_object(parts, part)
             return parts
-    report, _ = evaluate_model(model, val.coco, val.images_dir, split=split, vocabulary=val.category_names,
+    report, _ = evaluate_model(model, first_images(val.coco, images), val.images_dir, split=split, vocabulary=val.category_names,
                                batch_size=batch_size, workers=0, shard=(rank, world), gather=gather)
     ap = {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
     return {**ap, "R50@100": {part: row["R50@100"] for part, row in report["proposal_recall"].items()}}
@@ -258,14 +262,18 @@ def _optimizer(params: list[nn.Parameter], o, box_head: nn.Module | None = None)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
-def _epoch_loader(dataset, sampler, epoch: int, skip: int, per_rank: int, cfg: TrainConfig) -> DataLoader:
+def _epoch_loader(dataset, sampler, epoch: int, skip: int, per_rank: int, cfg: TrainConfig,
+                  rank: int = 0) -> DataLoader:
     """Batches of one epoch, skipping the first ``skip`` (resume mid-epoch). Global batch k is
-    the same images whatever the world size; the loader's own generator leaves the global RNG alone."""
+    the same images whatever the world size; the loader's own generator leaves the global RNG alone.
+    That generator seeds the workers' RNG (``num_workers`` > 0: flips are drawn there), so it is
+    seeded by (seed, epoch, rank): seeded by the epoch alone, every rank drew the same flips."""
     sampler.set_epoch(epoch)
     indices = list(sampler)
     indices = indices[skip * per_rank: len(indices) // per_rank * per_rank]
+    generator = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
     return DataLoader(dataset, batch_size=per_rank, sampler=indices, collate_fn=collate,
-                      num_workers=cfg.train.num_workers, generator=torch.Generator().manual_seed(epoch))
+                      num_workers=cfg.train.num_workers, generator=generator)
 
 
 def _dist_init(device_spec: str) -> tuple[int, int, str]:
@@ -425,7 +433,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         if val is None:
             return
         with autocast():
-            ap = evaluate(model, val, split, rank, world)  # sharded: every process takes part
+            ap = evaluate(model, val, split, rank, world, images=run.eval_images)  # sharded: every process takes part
         _set_trainable(model, run)  # back to training modes
         key = "base" if "base" in ap else "overall"
         result.evals.append({"step": step, **ap})
@@ -439,13 +447,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
             checkpoint("best.pt")
 
     result = TrainResult(step=step, model=model, out_dir=out)
-    loader = iter(_epoch_loader(train_set, sampler, epoch, position, per_rank, cfg))
-    tick, seen, rate = time.perf_counter(), 0, 0.0
+    loader = iter(_epoch_loader(train_set, sampler, epoch, position, per_rank, cfg, rank))
+    tick, seen, rate, dropped = time.perf_counter(), 0, 0.0, 0
     while step < o.max_steps:
         if position >= batches_per_epoch:
             epoch, position = epoch + 1, 0
-            loader = iter(_epoch_loader(train_set, sampler, epoch, 0, per_rank, cfg))
+            loader = iter(_epoch_loader(train_set, sampler, epoch, 0, per_rank, cfg, rank))
         images, targets = next(loader)
+        dropped += sum(t.get("dropped", 0) for t in targets)  # boxes the data transforms left under a pixel
         images = [img.to(device) for img in images]
         targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
 
@@ -469,10 +478,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
             rate = seen / max(1e-9, time.perf_counter() - tick)
         if rank == 0 and (step % run.log_every == 0 or step == o.max_steps):
             log({"step": step, "loss": value, **{k: float(v.detach()) for k, v in losses.items()},
-                 "lr": scheduler.get_last_lr()[0], "img_per_s": rate,
+                 "lr": scheduler.get_last_lr()[0], "img_per_s": rate, "boxes_dropped": dropped,
                  "logit_scale": float(model.clip.logit_scale.detach().exp())})
         if step % run.log_every == 0:
-            tick, seen = time.perf_counter(), 0
+            tick, seen, dropped = time.perf_counter(), 0, 0
         if rank == 0 and progress:
             progress({"step": step, "max_steps": o.max_steps, "loss": value,
                       "lr": scheduler.get_last_lr()[0], "img_per_s": rate})

@@ -222,7 +222,9 @@ class RegionConceptLoss(nn.Module):
             losses = {k: v * self.cfg.loss.proposal_loss_weight for k, v in det_losses.items()}
         else:
             with torch.no_grad():
-                proposals = list(zip(*m.propose(batch)))
+                # Probabilities whatever the scoring recipe fuses: sampling thresholds and
+                # rankings read objectness as one (a raw RPN logit is negative below 0.5).
+                proposals = list(zip(*m.propose(batch, logits=False)))
         boxes, teacher, labels, _ = self.pseudo(batch, proposals, targets)
         scale = m.clip.logit_scale.exp().clamp(max=100)
         student = m.logits(m.embed(batch, boxes), self.concept_embeddings(), background=False, scale=scale)
