@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from regionclip.errors import BadAnnotations, BadImage, BadInput
+from regionclip.labels import read_label_lines
 
 from . import options as O
 from .render import console, progress, warn
@@ -20,9 +21,7 @@ def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     if labels:
         items += labels.split(",")
     if labels_file is not None:
-        if not labels_file.is_file():
-            raise BadInput(f"labels file not found: {labels_file}")
-        items += labels_file.read_text().splitlines()
+        items += read_label_lines(labels_file)
     items = [s.strip() for s in items if s.strip()]
     if not items and (labels is not None or labels_file is not None):
         raise BadInput('no labels given: pass --labels "dog,cat" or --labels-file vocab.txt (one per line)')

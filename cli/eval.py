@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from regionclip.errors import BadAnnotations, BadImage, BadInput
+from regionclip.labels import read_label_lines
 
 from . import options as O
 from .render import console, progress, warn
@@ -108,7 +109,8 @@ def _vocabulary(vocabulary: str | None) -> list[str] | None:
     if not vocabulary:
         return None
     p = Path(vocabulary)
-    return [s.strip() for s in (p.read_text().splitlines() if p.is_file() else vocabulary.split(",")) if s.strip()]
+    items = read_label_lines(p, "vocabulary file") if p.is_file() else vocabulary.split(",")
+    return [s.strip() for s in items if s.strip()]
 
 
 def _text_embeddings(gt, vocab: list[str] | None, path: Path | None):

@@ -25,6 +25,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 # Pillow refuses images above ~179 MP as a decompression-bomb guard; detection photos from
 # gigapixel cameras and scanners are legitimate, and draft decoding keeps their memory small.
 Image.MAX_IMAGE_PIXELS = 1_000_000_000
+# Only JPEG decodes reduced (draft mode): any other format decodes whole, 3 bytes a pixel and
+# more while Pillow works. Above this many pixels such a file is refused with one line instead
+# of taking the machine's memory (a 1-gigapixel PNG: over 3 GB). The environment variable raises it.
+MAX_PIXELS_ENV = "REGIONCLIP_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 120_000_000
+
+
+def max_full_decode_pixels() -> int:
+    """The pixel budget for images that must decode at full size (``REGIONCLIP_MAX_PIXELS``)."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "")
+    try:
+        return int(float(raw)) if raw.strip() else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise BadImage(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels, e.g. 500000000") from None
 
 
 @dataclass(frozen=True)
@@ -107,9 +121,15 @@ def _decode(path: Path, max_side: int | None) -> LoadedImage:
     try:
         with img:
             w, h = img.size
+            jpeg_draft = max_side is not None and max(w, h) > max_side and img.format == "JPEG"
+            budget = max_full_decode_pixels()
+            if not jpeg_draft and w * h > budget:  # checked from the header, before any pixel decodes
+                raise BadImage(f"{path}: {w}x{h} ({w * h / 1e6:.0f} MP) {img.format or 'image'} is above the "
+                               f"{budget / 1e6:.0f} MP that decode at full size (only JPEGs decode reduced); "
+                               f"raise it with {MAX_PIXELS_ENV}=N or pass a smaller or JPEG copy")
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the axes
                 h, w = w, h
-            if max_side is not None and max(w, h) > max_side and img.format == "JPEG":
+            if jpeg_draft:
                 scale = max_side / max(w, h)
                 img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
             img.load()

@@ -66,3 +66,50 @@ def test_draft_decoding_keeps_the_original_size_and_exif_rotation(tmp_path):
     assert full.pixels.shape[:2] == (1000, 600) and full.original_size == (1000, 600)
     small = load_reduced(np.zeros((50, 80, 3), np.uint8), max_side=40)
     assert small.pixels.shape[:2] == (25, 40) and small.original_size == (50, 80)
+
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A PNG that declares w x h pixels (its header) without holding them: what the decoder
+    learns before it decodes, and nothing to spend a test's time on."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_200_megapixel_png_is_refused_with_one_line_before_decoding(tmp_path, capsys, monkeypatch):
+    """Only JPEGs decode reduced: a 200 MP PNG would decode whole (600 MB and more). It is refused
+    from its header with one line naming its size and the setting that raises the budget;
+    raised, the decoder is tried (this file then fails as what it is, a truncated PNG)."""
+    import pytest
+    from test_cli import run
+
+    from regionclip.errors import BadImage
+
+    path = tmp_path / "huge.png"
+    _png_header_only(path, 20_000, 10_000)
+    with pytest.raises(BadImage, match=r"20000x10000 \(200 MP\) PNG is above .* REGIONCLIP_MAX_PIXELS"):
+        load_reduced(path, 800)
+    code, out, err = run(["detect", str(path), "--labels", "dog", "--model", "demo"], capsys)
+    assert code != 0 and "REGIONCLIP_MAX_PIXELS" in err and "Traceback" not in err + out, (code, err)
+    monkeypatch.setenv("REGIONCLIP_MAX_PIXELS", "300000000")
+    with pytest.raises(BadImage, match="not a readable image"):
+        load_reduced(path, 800)
+
+
+def test_labels_and_vocabulary_files_that_are_not_utf8_are_one_line(tmp_path, capsys):
+    from test_cli import run
+
+    bad = tmp_path / "labels.txt"
+    bad.write_bytes(b"dog\n\xff\xfecat\n")
+    (tmp_path / "gt.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg", "width": 8, "height": 8}],
+                                                  "annotations": [], "categories": [{"id": 1, "name": "dog"}]}))
+    for argv in (["detect", str(tmp_path / "x.jpg"), "--labels-file", str(bad)],
+                 ["eval", "--annotations", str(tmp_path / "gt.json"), "--images", str(tmp_path), "--vocabulary", str(bad)]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and f"{bad}: the " in err and "not UTF-8" in err and len(err.strip().splitlines()) == 1, err
