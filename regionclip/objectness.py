@@ -78,14 +78,17 @@ def centerness_loss(logits: torch.Tensor, anchors: Sequence[torch.Tensor], gt_bo
     return F.binary_cross_entropy_with_logits(torch.cat(picked).float(), torch.cat(targets))
 
 
+def near_ignore(boxes_xyxy: torch.Tensor, ignore: torch.Tensor | None) -> torch.Tensor:
+    """(N,) bool: which of ``boxes_xyxy`` (N, 4) overlap one of the ``ignore`` boxes (M, 4) at
+    IoU >= ``IGNORE_IOU`` (all False when there are none)."""
+    if ignore is None or not len(ignore) or not len(boxes_xyxy):
+        return torch.zeros(len(boxes_xyxy), dtype=torch.bool, device=boxes_xyxy.device)
+    return box_iou(boxes_xyxy.float(), ignore.float().to(boxes_xyxy.device)).max(dim=1).values >= IGNORE_IOU
+
+
 def ignore_negatives(labels: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
                      ignore: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """Per image, torchvision's anchor labels (1 object, 0 background, -1 ignored) with every
     background anchor at IoU >= ``IGNORE_IOU`` to one of that image's ``ignore`` boxes set to -1."""
-    out = []
-    for lab, a, ig in zip(labels, anchors, ignore):
-        if ig is not None and len(ig):
-            near = box_iou(a.float(), ig.float()).max(dim=1).values >= IGNORE_IOU
-            lab = torch.where((lab == 0) & near, torch.full_like(lab, -1), lab)
-        out.append(lab)
-    return out
+    return [torch.where((lab == 0) & near_ignore(a, ig), torch.full_like(lab, -1), lab)
+            for lab, a, ig in zip(labels, anchors, ignore)]

@@ -18,11 +18,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from .config import ProposalConfig
 from .errors import BadInput, WeightsUnavailable
-from .objectness import IGNORE_IOU, OBJECTNESS, centerness_loss, ignore_negatives
+from .objectness import OBJECTNESS, centerness_loss, ignore_negatives, near_ignore
 from .weights import Resolved, load_state
 
 SOURCES = ("rpn", "refined", "final")
@@ -340,8 +340,7 @@ class ProposalStage(nn.Module):
             if ignore is not None:
                 # The second stage samples its own background from these: an ignore box's
                 # proposals must not become its negatives either.
-                kept = [b if ig is None else b[box_iou(b, ig).max(dim=1).values < IGNORE_IOU]
-                        for b, ig in zip(boxes, ignore)]
+                kept = [b[~near_ignore(b, ig)] for b, ig in zip(boxes, ignore)]
             _, head_losses = self.detector.roi_heads(features, kept, batch.image_sizes, agnostic)
             # Named apart from the region box head's loss_box_reg (regionclip/box_head.py).
             losses = {**losses, **{f"loss_det_{k[5:]}": v for k, v in head_losses.items()}}

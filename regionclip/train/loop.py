@@ -24,14 +24,12 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.ops import box_iou
 
 from ..batch import ImageBatch
 from ..config import dump_config, to_dict
 from ..data import CocoDetection, collate, load_split
 from ..detector import RegionCLIP
 from ..errors import BadConfig, BadInput
-from ..objectness import IGNORE_IOU
 from ..proposals import frozen_backbone_prefixes
 from ..eval_dataset import evaluate_model
 from ..evaluate import first_images
@@ -40,6 +38,7 @@ from ..box_head import BoxRefiner
 from ..weights import register_clip_config
 from .config import TrainConfig, stage_config
 from .losses import box_regression_loss, mean_count
+from .sampling import sample_regions
 from .stages import ImageTextLoss, RegionConceptLoss, Teacher, captioned
 from .state import atomic_save, load_checkpoint, lr_factor, rng_state, set_rng_state
 
@@ -137,45 +136,6 @@ class RegionTextLoss(nn.Module):
             deltas = m.box_head(raw[fg]).float()
             losses["loss_box_reg"] = lc.box_regression_weight * box_regression_loss(deltas, targets_d).sum() / norm
         return losses, len(labels)
-
-
-def sample_regions(proposals, targets, lc, background: int,
-                   ignore: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The regions one step trains on, as Fast R-CNN samples its RoIs, from ``proposals``
-    (per image ``(boxes (K, 4) xyxy, objectness (K,))``, e.g. ``RegionCLIP.propose``'s): every
-    GT box with its label; up to ``lc.positive_samples`` proposals per image with IoU >=
-    ``lc.positive_iou`` to a GT box, with that box's label (inference classifies imperfect
-    boxes, not GT ones); up to ``lc.background_samples`` proposals with IoU < ``lc.background_iou``
-    to every GT box and >= ``lc.background_iou_min`` to some GT box, plus up to
-    ``lc.background_far_samples`` below ``lc.background_iou_min`` with objectness at most
-    ``lc.background_far_max_objectness``, all labelled ``background``. Returns per-image boxes,
-    the (sum N,) labels and per-image matched GT boxes (a box regression target; a background
-    region's is its own box). ``ignore`` (per image, (M, 4) xyxy) keeps background samples off
-    those boxes (IoU < ``objectness.IGNORE_IOU``): regions of objects nobody labelled."""
-    boxes, labels, matched = [], [], []
-    ignore = ignore if ignore is not None else [None] * len(targets)
-    for (p, objectness), t, ig in zip(proposals, targets, ignore):
-        p, objectness = p.detach(), objectness.detach()
-        big = (p[:, 2] - p[:, 0] >= 4) & (p[:, 3] - p[:, 1] >= 4)
-        p = p[big].float()
-        sure = objectness[big] > lc.background_far_max_objectness
-        if len(t["boxes"]):
-            iou, match = box_iou(p, t["boxes"]).max(dim=1)
-        else:  # an image without objects: every proposal is background
-            iou, match = p.new_zeros(len(p)), torch.zeros(len(p), dtype=torch.long, device=p.device)
-        pos = torch.nonzero(iou >= lc.positive_iou).flatten()
-        free = torch.ones_like(sure)
-        if ig is not None and len(ig):
-            free = box_iou(p, ig.float()).max(dim=1).values < IGNORE_IOU
-        neg = torch.nonzero((iou < lc.background_iou) & (iou >= lc.background_iou_min) & free).flatten()
-        far = torch.nonzero((iou < lc.background_iou_min) & ~sure & free).flatten()
-        pos = pos[torch.randperm(len(pos))[:lc.positive_samples].to(pos.device)]
-        neg = torch.cat([neg[torch.randperm(len(neg))[:lc.background_samples].to(neg.device)],
-                         far[torch.randperm(len(far))[:lc.background_far_samples].to(far.device)]])
-        boxes.append(torch.cat([t["boxes"], p[pos], p[neg]]))
-        labels.append(torch.cat([t["labels"], t["labels"][match[pos]], t["labels"].new_full((len(neg),), background)]))
-        matched.append(torch.cat([t["boxes"], t["boxes"][match[pos]], p[neg]]))
-    return boxes, torch.cat(labels), matched
 
 
 def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
