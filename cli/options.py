@@ -176,7 +176,7 @@ def read_text_embeddings(path: Path | None, labels: Sequence[str]):
     built; the dimension is checked against the model's). None when not given."""
     if path is None:
         return None
-    from regionclip.zoo import concept_vocabulary
+    from regionclip.vocabulary import concept_vocabulary
 
     return concept_vocabulary(path, labels)
 

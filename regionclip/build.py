@@ -1,4 +1,5 @@
-"""Building a model's parts from a ``ModelConfig``: resolve every weight first, then build.
+"""A model's parts from a ``ModelConfig`` (resolve every weight first, then build), and its checkpoint:
+``load_checkpoint`` and ``save_checkpoint`` side by side, so the format has one home.
 
 Two sources: open_clip / torchvision weights named by the config (``clip_pretrained``,
 ``detector_weights``), or one regionclip checkpoint (``checkpoint``: written by
@@ -17,11 +18,12 @@ import torch
 from torch import nn
 
 from . import weights as W
-from .config import ModelConfig
+from .atomic import atomic_torch_save
+from .detectron2_rpn import DETECTORS as DETECTRON2_DETECTORS
+from .detectron2_rpn import build_rpn_detector
+from .config import ModelConfig, to_dict
 from .errors import BadConfig, WeightsUnavailable
-from .proposals import build_detector
-from .zoo import DETECTORS as DETECTRON2_DETECTORS
-from .zoo import build_rpn_detector
+from .proposals import HEAD_PREFIXES, build_detector
 
 CHECKPOINT_FORMAT = "regionclip/1"
 _IMPORT_HINT = ("convert RegionCLIP's released files first: regionclip import WEIGHTS RPN --out DIR "
@@ -63,6 +65,17 @@ def load_parts(cfg: ModelConfig) -> Parts:
                 "pass a checkpoint of that architecture"
             ) from None
     return Parts(clip, build_detector(det_res, head_width=cfg.proposals.box_head_width), clip_res.key)
+
+
+def checkpoint_config(path: str | Path) -> dict:
+    """The model config stored in a regionclip checkpoint (``save_checkpoint``), as a plain dict."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailable(f"regionclip checkpoint not found: {path}")
+    ckpt = W.load_state(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsUnavailable(f"{path} is not a regionclip checkpoint (saved by RegionCLIP.save)")
+    return dict(ckpt.get("config") or {})
 
 
 def load_checkpoint(cfg: ModelConfig) -> Parts:
@@ -109,6 +122,36 @@ def load_checkpoint(cfg: ModelConfig) -> Parts:
     return Parts(clip, detector, f"{cfg.clip_model}/{path.name}/{st.st_size}/{int(st.st_mtime)}",
                  _float(head) if head is not None else None,
                  background.float() if background is not None else None)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, half: bool = False, box_head: bool = True) -> Path:
+    """Write ``model`` (a ``RegionCLIPModel``) as a self-contained checkpoint, atomically: config,
+    CLIP architecture, both state dicts, and the box head and background embedding when it has them.
+
+    ``half`` stores floats as fp16; ``box_head=False`` leaves out the detector's second stage,
+    which ``proposals.source="rpn"`` never runs (on MobileNet detectors it is most of the file).
+    """
+    skip = () if box_head else HEAD_PREFIXES
+
+    def state(module: nn.Module) -> dict:
+        return {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+                for k, v in module.state_dict().items() if not k.startswith(skip)}
+
+    arch = dict(open_clip.get_model_config(model.cfg.clip_model))
+    if uses_quick_gelu(model.clip):
+        arch["quick_gelu"] = True
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "config": to_dict(model.cfg),
+        "clip_model_config": arch,
+        "clip": state(model.clip),
+        "detector": state(model.proposals.detector),
+    }
+    if model.box_head is not None:
+        ckpt["box_head"] = state(model.box_head)
+    if model.background_embedding is not None:
+        ckpt["background_embedding"] = model.background_embedding.detach().cpu()
+    return atomic_torch_save(ckpt, path)
 
 
 def _arch(config: dict) -> dict:

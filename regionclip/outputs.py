@@ -12,7 +12,6 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .atomic import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from .errors import BadOutput
 
 # Extensions an annotated copy keeps (Pillow and OpenCV both write these); others get .jpg appended.
@@ -88,46 +88,6 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     # A file inside an existing target folder; otherwise a sub-folder of the closest ancestor.
     _probe(folder, path, what, as_file=folder == target)
     return path
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    Parent folders are created. Returns the path written.
-
-    Raises:
-        BadOutput: the folder cannot be created or written, or ``path`` is a folder.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise BadOutput(f"cannot write {path} ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # A half-written temporary must not linger beside the outputs.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise BadOutput(f"cannot write {path} ({exc.strerror or exc})") from None
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """``atomic_write_bytes`` of ``text`` encoded as UTF-8."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def json_safe(value: Any) -> Any:

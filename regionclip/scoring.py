@@ -129,6 +129,19 @@ def batched_soft_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, idxs: torch
     return torch.stack(keep), torch.stack(rescored)
 
 
+def regionclip_scores(probs: torch.Tensor, objectness_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, N + 1) probabilities -> (R, N) detection scores, background dropped.
+
+    With RPN ``objectness_logits`` (R,) (zero-shot, ``MULTIPLY_RPN_SCORE``): ``sqrt(p * logit)``.
+    RegionCLIP drops boxes whose product is negative (NaN scores fail its finiteness check); here
+    they score 0, which no positive score threshold keeps either.
+    """
+    scores = probs[:, :-1].float()
+    if objectness_logits is not None:
+        scores = (scores * objectness_logits.float()[:, None]).clamp(min=0).sqrt()
+    return scores
+
+
 def score_regions(
     region_emb: torch.Tensor,
     text_emb: torch.Tensor,

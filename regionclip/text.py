@@ -22,6 +22,7 @@ from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, Transformer
 from torch import nn
 
+from .atomic import atomic_torch_save
 from .errors import BadInput
 from .labels import check_labels  # also importable from here, as before
 
@@ -272,7 +273,35 @@ class TextEncoder:
     def _save_disk(self) -> None:
         if self.cache_file is None:
             return
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(dict(self._memory), tmp)
-        os.replace(tmp, self.cache_file)
+        atomic_torch_save(dict(self._memory), self.cache_file)
+
+
+def regionclip_prompts(label: str, templates: Sequence[str]) -> list[str]:
+    """RegionCLIP's prompts for one name (``prompt_engineering``: drops ',' and reads '+' as ' ')."""
+    name = label.replace(",", "").replace("+", " ")
+    return [t.replace("{}", name) for t in templates]
+
+
+class RegionCLIPTextEncoder(TextEncoder):
+    """``TextEncoder`` (same cache, same interface) whose ensemble is RegionCLIP's
+    (``text.ensemble: regionclip``): per label, the raw features of its prompts averaged, then
+    normalised; names cleaned as ``regionclip_prompts`` does. With RegionCLIP's 81 templates it
+    reproduces its concept files (``extract_concept_features.py``) up to the rows' norm."""
+
+    def __init__(self, *args, model_key: str, **kwargs):
+        # A key of its own: the same weights and templates give other embeddings than the default ensemble.
+        super().__init__(*args, model_key=f"{model_key}/regionclip-ensemble", **kwargs)
+
+    def embed(self, labels: Sequence[str]) -> torch.Tensor:
+        labels = check_labels(labels)
+        prompts = [p for label in labels for p in regionclip_prompts(label, self.templates)]
+        feats = torch.cat([
+            self.encode_fn(self.tokenizer(prompts[start:start + self.chunk_size]).to(self.device)).float()
+            for start in range(0, len(prompts), self.chunk_size)
+        ])
+        self.prompts_encoded += len(prompts)
+        return F.normalize(feats.view(len(labels), len(self.templates), -1).mean(dim=1), dim=-1)
+
+
+# text.ensemble -> encoder class
+ENSEMBLES = {"normalized": TextEncoder, "regionclip": RegionCLIPTextEncoder}

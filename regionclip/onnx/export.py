@@ -73,6 +73,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
+from ..atomic import atomic_path
 from ..box_head import BoxRefiner
 from ..config import to_dict
 from ..detector import RegionCLIP
@@ -361,12 +362,11 @@ def _detector_input(model: RegionCLIP, h: int, w: int) -> tuple[int, int, int, i
 
 def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
                   axes: dict, opset: int) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     fastpath = torch.backends.mha.get_fastpath_enabled()
     # nn.MultiheadAttention's inference fast path (a fused op) has no ONNX translation.
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             # Known and checked by _verify: the tracer's notes on Python values, the exporter's deprecation.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -377,7 +377,6 @@ def _export_graph(module: nn.Module, args: tuple, path: Path, inputs: list[str],
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    os.replace(tmp, path)
 
 
 def _verify(name: str, module: nn.Module, examples: list[tuple], path: Path, inputs: list[str]) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..errors import WeightsUnavailable
 
 FORMAT = "regionclip-onnx/1"
@@ -71,10 +72,7 @@ def file_digest(path: str | os.PathLike) -> str:
 def write_manifest(folder: str | os.PathLike, data: dict) -> Path:
     """Write ``data`` as ``folder/manifest.json`` atomically; returns the path."""
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:

@@ -294,40 +294,35 @@ class OnnxDetector:
             boxes = boxes * np.array([sx, sy, sx, sy], dtype=F32)
         return boxes, scores, ids
 
-    def load(self, images: Sequence) -> list:
-        """Decode images as ``RegionCLIP.load`` does (``regionclip.io.load_reduced``; imports torch)."""
-        from ..io import load_reduced
-
-        return [load_reduced(img, self.input_max_side) for img in images]
-
-    def detect(self, images, labels: Sequence[str] | None = None, boxes=None, *, text_embeddings=None,
-               score_threshold: float | None = None, nms_iou: float | None = None, max_detections: int | None = None,
-               top_k: int | None = None, agnostic_nms: bool | None = None, batch_size: int = 8):
-        """``RegionCLIP.detect`` on onnxruntime: one image (path, PIL image, array, tensor,
-        ``LoadedImage``) gives ``Detections``, a list gives a list. Images run one at a time;
-        ``batch_size`` is accepted for the same call signature; given ``boxes`` are not supported
-        yet. Imports torch for decoding and ``Detections``; ``predict`` does not."""
+    # ----------------------------------------------------------------- the predictor backend
+    def detect_chunk(self, loaded: Sequence, labels: Sequence[str], text: np.ndarray, scoring: ScoringConfig,
+                     boxes=None, proposals: bool = False) -> list:
+        """``Predictor``'s backend call: per decoded image (``LoadedImage``), ``(Detections, None)``.
+        Images run one at a time; given boxes and proposal outputs are not supported."""
         import torch
 
         from ..detections import Detections
 
-        if boxes is not None:
+        if boxes is not None or proposals:
             raise BadInput("the ONNX runtime detects with its own proposals only; classify given boxes with "
                            "RegionCLIP.from_pretrained(...).detect(images, labels, boxes)")
-        if int(batch_size) < 1:
-            raise BadInput(f"batch_size must be at least 1, but got {batch_size}")
-        scoring = dict(score_threshold=score_threshold, nms_iou=nms_iou, max_detections=max_detections,
-                       top_k=top_k, agnostic_nms=agnostic_nms)
-        self.scoring_config(**scoring)
-        single = not isinstance(images, (list, tuple))
-        labels, text = self.vocabulary(labels, text_embeddings)
         out = []
-        for loaded in self.load([images] if single else list(images)):
-            boxes, scores, ids = self.predict(loaded.pixels, labels, text_embeddings=text,
-                                              original_size=loaded.original_size, **scoring)
-            out.append(Detections(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(ids),
-                                  tuple(labels)))
-        return out[0] if single else out
+        for x in loaded:
+            b, s, ids = self.predict(x.pixels, labels, text_embeddings=text, original_size=x.original_size,
+                                     **dataclasses.asdict(scoring))
+            out.append((Detections(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(ids), tuple(labels)),
+                        None))
+        return out
+
+    def classify_chunk(self, *args, **kwargs):
+        raise BadInput("the ONNX runtime does not classify given boxes; use RegionCLIP.from_pretrained(...).classify")
+
+    def detect(self, images, labels: Sequence[str] | None = None, boxes=None, **kwargs):
+        """``RegionCLIP.detect`` on onnxruntime, through the one ``Predictor`` (imports torch for
+        decoding and ``Detections``; ``predict`` does not)."""
+        from ..predictor import Predictor
+
+        return Predictor(self).detect(images, labels, boxes, **kwargs)
 
 
 def _providers(ort, device: str | None) -> list[str]:
@@ -381,7 +376,7 @@ def _read_embeddings(source) -> np.ndarray:
         if path.suffix == ".npy":
             emb = np.load(path, allow_pickle=False)
         else:
-            from ..zoo import load_concept_embeddings
+            from ..vocabulary import load_concept_embeddings
 
             emb = load_concept_embeddings(path).numpy()
     else:

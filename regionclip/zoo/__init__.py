@@ -3,9 +3,11 @@
 ``files``: read a file (``weights_only=True``) and tell what it is (``detect_kind``).
 ``clip_tower``: the CLIP image + text towers -> open_clip ``RN50-quickgelu`` / ``RN50x4-quickgelu``.
 ``rpn``: detectron2 RPNs (R50-FPN, R50-C4) -> a torchvision Faster R-CNN proposal stage.
-``concepts``: concept-embedding files, RegionCLIP's prompt ensemble (``RegionCLIPTextEncoder``),
-scoring and box predictor.
+``concepts``: RegionCLIP's templates and its box predictor (concept files, its text ensemble,
+scoring and box deltas are the core's: ``vocabulary``, ``text``, ``scoring``, ``box_head``).
 ``importer``: all of it into one regionclip checkpoint + preset YAML.
+
+A leaf: the core never imports this package; ``regionclip import`` (``cli/importer.py``) does.
 """
 
 from .clip_tower import build_clip, clip_model_name, convert_clip
@@ -16,10 +18,6 @@ from .concepts import (
     check_concept_embeddings,
     concept_vocabulary,
     load_concept_embeddings,
-    refine_boxes,
-    regionclip_probabilities,
-    regionclip_scores,
-    regionclip_text_embeddings,
 )
 from .files import KINDS, detect_kind, expect, read_file
 from .importer import RECIPES, Imported, import_regionclip, preset_config, read_imported
@@ -38,7 +36,6 @@ __all__ = [
     "DETECTORS", "convert_rpn", "build_rpn_detector", "apply_detectron2_convention",
     "Detectron2AnchorGenerator", "Detectron2Transform",
     "REGIONCLIP_TEMPLATES", "load_concept_embeddings", "check_concept_embeddings", "concept_vocabulary",
-    "regionclip_text_embeddings", "RegionCLIPTextEncoder",
-    "regionclip_probabilities", "regionclip_scores", "box_predictor", "refine_boxes",
+    "RegionCLIPTextEncoder", "box_predictor",
     "RECIPES", "Imported", "import_regionclip", "preset_config", "read_imported",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..detectron2_rpn import missing_keys_error  # noqa: F401 (re-exported)
 from ..errors import WeightsUnavailable
 
 # detect_kind() results, with the words used in error messages.
@@ -111,10 +112,3 @@ def expect(obj: Any, path: str | os.PathLike, *kinds: str) -> str:
         return kind
     wanted = " or ".join(f"{KINDS[k].split(' (')[0]} ({EXPECTED.get(k, k)})" for k in kinds)
     raise WeightsUnavailable(f"{path}: this is {KINDS[kind]}, expected {wanted}")
-
-
-def missing_keys_error(path: str | os.PathLike, what: str, missing: list[str]) -> WeightsUnavailable:
-    return WeightsUnavailable(
-        f"{path}: {what} is missing {len(missing)} weight(s) (e.g. {', '.join(missing[:2])}): "
-        "the file is incomplete or of another architecture; download it again"
-    )

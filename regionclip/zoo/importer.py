@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
-import torch
 import yaml
 
+from ..atomic import atomic_torch_save, atomic_write_text
 from ..config import ModelConfig, ScoringConfig, from_dict, to_dict
 from ..errors import WeightsUnavailable
 from ..weights import register_clip_config
@@ -89,12 +89,10 @@ def preset_config(name: str, clip_model: str, detector: str, checkpoint: Path, r
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     if isinstance(obj, str):
-        tmp.write_text(obj)
+        atomic_write_text(path, obj)
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+        atomic_torch_save(obj, path)
 
 
 def import_regionclip(weights: str | os.PathLike, rpn: str | os.PathLike, out_dir: str | os.PathLike, *,

@@ -1,0 +1,298 @@
+"""``Predictor``: sources in, ``Detections`` out, streaming.
+
+The predictor feeds a backend (``backend.TorchBackend`` over a ``RegionCLIPModel``, or the ONNX
+runtime ``onnx.runtime.OnnxDetector``): it decodes images in ``DataLoader`` workers a chunk
+ahead, hands the backend one chunk of ``batch_size`` consecutive inputs at a time, and yields
+one ``Prediction`` per input, in input order. Memory holds a few chunks, never the whole input
+list, so a folder of a million images streams like one of ten. It also owns the vocabulary
+(labels or stored embeddings, resolved once per call) and the scoring overrides.
+
+``stream`` is the iterator every job builds on (``detect`` in the CLI and the API, ``eval``,
+bulk labelling, a server); ``detect`` and ``classify`` collect it into lists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .detections import Detections
+from .errors import BadImage, BadInput
+from .io import LoadedImage, load_reduced
+
+
+@dataclass
+class Prediction:
+    """One input: its detections (or probabilities), or the reason it was skipped.
+
+    ``source`` is the input as given and ``index`` its position. ``detections`` are in
+    original-image pixels, on the backend's device. ``image`` (with ``keep_images``) is what
+    was decoded, reduced for very large files. ``seconds`` is this image's share of its chunk's
+    time. ``proposals``: ``(boxes_xyxy, objectness)`` in original pixels, when asked for.
+    """
+
+    source: Any
+    index: int
+    original_size: tuple[int, int] | None = None
+    detections: Detections | None = None
+    probabilities: torch.Tensor | None = None
+    image: np.ndarray | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    proposals: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.source) if isinstance(self.source, (str, os.PathLike)) else None
+
+    def for_drawing(self) -> tuple[np.ndarray, Detections]:
+        """``image`` and the detections in its pixels (they differ only for reduced images)."""
+        d = self.detections
+        (h, w), (oh, ow) = self.image.shape[:2], self.original_size
+        if (h, w) == (oh, ow):
+            return self.image, d
+        scale = d.boxes_xyxy.new_tensor([w / ow, h / oh, w / ow, h / oh])
+        return self.image, Detections(d.boxes_xyxy * scale, d.scores, d.label_ids, d.vocabulary)
+
+
+@dataclass
+class _Item:
+    index: int
+    source: Any
+    loaded: LoadedImage | None
+    error: str | None
+    boxes: Any = None
+
+
+class _Decoded(IterableDataset):
+    """Chunks of ``chunk`` consecutive sources, decoded. Worker w of W takes chunks w, w + W, ...;
+    the DataLoader asks its workers in turn, so chunks come back in input order."""
+
+    def __init__(self, sources: Iterable, boxes: Iterable | None, chunk: int, max_side: int | None):
+        self.sources, self.boxes, self.chunk, self.max_side = sources, boxes, chunk, max_side
+
+    def __iter__(self) -> Iterator[list[_Item]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        pairs = zip(self.sources, self.boxes if self.boxes is not None else itertools.repeat(None))
+        index = itertools.count()
+        for k in itertools.count():
+            part = list(itertools.islice(zip(index, pairs), self.chunk))
+            if not part:
+                return
+            if k % workers == worker:
+                yield [self._decode(i, source, boxes) for i, (source, boxes) in part]
+
+    def _decode(self, i: int, source, boxes) -> _Item:
+        try:
+            return _Item(i, source, load_reduced(source, self.max_side), None, boxes)
+        except BadImage as exc:
+            return _Item(i, source, None, str(exc), boxes)
+
+
+# detect() and classify() of a list group this many images by aspect ratio at a time: as the whole
+# list for lists this long (how they batched before streaming), a bounded memory for longer ones.
+LIST_WINDOW = 64
+
+
+def _as_is(chunk):
+    return chunk
+
+
+def _check_count(name: str, value, least: int) -> int:
+    if int(value) < least:
+        raise BadInput(f"{name} must be at least {least}, but got {value}")
+    return int(value)
+
+
+class Predictor:
+    """Streams sources (paths, PIL images, HxWx3 arrays, tensors, ``LoadedImage``) through a backend.
+
+    ``batch_size``: consecutive inputs per chunk (one padded batch per aspect group);
+    ``num_workers``: DataLoader processes decoding ahead (0: in this process). Both can be
+    overridden per call. Attributes the predictor lacks come from the backend (e.g. an ONNX
+    export's ``predict``).
+    """
+
+    def __init__(self, backend, *, batch_size: int = 8, num_workers: int = 0):
+        self.backend = backend
+        self.batch_size = _check_count("batch_size", batch_size, 1)
+        self.num_workers = _check_count("num_workers", num_workers, 0)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, overrides: Sequence[str] = (), *, batch_size: int = 8,
+                        num_workers: int = 0, **model_kwargs) -> Predictor:
+        """A torch model from a preset or YAML (``RegionCLIPModel.from_pretrained``) behind a predictor."""
+        from .backend import TorchBackend
+        from .model import RegionCLIPModel
+
+        model = RegionCLIPModel.from_pretrained(name_or_path, overrides, **model_kwargs)
+        return cls(TorchBackend(model), batch_size=batch_size, num_workers=num_workers)
+
+    @classmethod
+    def from_onnx(cls, folder: str | os.PathLike, *, batch_size: int = 8, num_workers: int = 0,
+                  **kwargs) -> Predictor:
+        """An ONNX export (``regionclip export``) run with onnxruntime; keywords go to
+        ``onnx.OnnxDetector`` (``device``, ``threads``, ``verify``)."""
+        from .onnx.runtime import OnnxDetector
+
+        return cls(OnnxDetector(folder, **kwargs), batch_size=batch_size, num_workers=num_workers)
+
+    def __getattr__(self, name: str):
+        if name == "backend":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    @property
+    def input_max_side(self) -> int | None:
+        return self.backend.input_max_side
+
+    def scoring_config(self, **overrides):
+        return self.backend.scoring_config(**overrides)
+
+    def vocabulary(self, labels: Sequence[str] | None, text_embeddings=None):
+        return self.backend.vocabulary(labels, text_embeddings)
+
+    def encode_text(self, labels: Sequence[str]):
+        return self.backend.encode_text(labels)
+
+    # --------------------------------------------------------------------------------- stream
+    def _chunks(self, sources: Iterable, boxes: Iterable | None, batch_size: int | None, num_workers: int | None,
+                window: int | None) -> tuple[Iterator[list[_Item]], int]:
+        """(decoded chunks of ``window`` inputs, the batch size) with the counts checked."""
+        size = _check_count("batch_size", self.batch_size if batch_size is None else batch_size, 1)
+        workers = _check_count("num_workers", self.num_workers if num_workers is None else num_workers, 0)
+        chunk = size if window is None else max(size, _check_count("window", window, 1))
+        dataset = _Decoded(sources, boxes, chunk, self.backend.input_max_side)
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is)), size
+
+    def stream(self, sources: Iterable, labels: Sequence[str] | None = None, *, boxes: Iterable | None = None,
+               text_embeddings=None, batch_size: int | None = None, num_workers: int | None = None,
+               keep_images: bool = False, proposals: bool = False, window: int | None = None,
+               **scoring) -> Iterator[Prediction]:
+        """Yield a ``Prediction`` per source, in order, as each chunk finishes.
+
+        ``labels`` / ``text_embeddings``: the vocabulary (``vocabulary``), resolved once.
+        ``boxes``: per source, (N, 4) xyxy boxes in original pixels that replace the proposals
+        (each comes back with its top-k labels, unfiltered). Unreadable sources yield a
+        ``Prediction`` with ``error`` and are not fatal. Scoring keywords (``score_threshold``,
+        ``nms_iou``, ``max_detections``, ``top_k``, ``agnostic_nms``) override the model's.
+        Everything is checked before the first image is decoded. ``sources`` may be any
+        iterable; with ``num_workers`` > 0 every worker iterates it (a list, or a generator
+        that can be repeated in a forked process, such as paths). ``window``: inputs decoded
+        and grouped by aspect ratio together (default ``batch_size``: each batch is the next
+        ``batch_size`` inputs); a larger window pads less and holds more images in memory.
+        """
+        cfg = self.scoring_config(**scoring)
+        labels, text_emb = self.vocabulary(labels, text_embeddings)
+        chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window)  # checks the counts now
+        return self._stream(chunks, size, labels, text_emb, cfg, boxes is not None, keep_images, proposals)
+
+    # A decorated generator runs each step in inference mode and leaves the caller's mode alone
+    # between items (a `with` inside the generator would leak it to the consumer's loop body).
+    @torch.inference_mode()
+    def _stream(self, chunks, size: int, labels, text_emb, cfg, given: bool, keep_images: bool,
+                proposals: bool) -> Iterator[Prediction]:
+        for items in chunks:
+            good = [it for it in items if it.error is None]
+            results, share = [], 0.0
+            if good:
+                start = time.perf_counter()
+                boxes = [self._boxes(it.boxes) for it in good] if given else None
+                results = self.backend.detect_chunk([it.loaded for it in good], labels, text_emb, cfg,
+                                                    boxes, proposals, size)
+                share = (time.perf_counter() - start) / len(good)
+            done = iter(results)
+            for it in items:
+                p = self._prediction(it, keep_images)
+                if it.error is None:
+                    p.detections, p.proposals = next(done)
+                    p.seconds = share
+                yield p
+
+    def _boxes(self, b):
+        check = getattr(self.backend, "check_boxes", None)
+        if check is None:
+            raise BadInput("this backend detects with its own proposals only; classify given boxes with "
+                           "RegionCLIP.from_pretrained(...).detect(images, labels, boxes)")
+        return check(b)
+
+    @staticmethod
+    def _prediction(it: _Item, keep_images: bool) -> Prediction:
+        if it.error is not None:
+            return Prediction(it.source, it.index, error=it.error)
+        return Prediction(it.source, it.index, it.loaded.original_size,
+                          image=it.loaded.pixels if keep_images else None)
+
+    def iter_classify(self, sources: Iterable, labels: Sequence[str] | None, boxes: Iterable, *,
+                      text_embeddings=None, batch_size: int | None = None,
+                      num_workers: int | None = None, window: int | None = None) -> Iterator[Prediction]:
+        """Per source, a ``Prediction`` whose ``probabilities`` are the (N, L) matrix of its
+        given ``boxes`` (N, 4 xyxy, original pixels) over ``labels``: the GT-box protocol's input."""
+        labels, text_emb = self.vocabulary(labels, text_embeddings)
+        chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window)
+        return self._classify(chunks, size, labels, text_emb)
+
+    @torch.inference_mode()
+    def _classify(self, chunks, size: int, labels, text_emb) -> Iterator[Prediction]:
+        for items in chunks:
+            good = [it for it in items if it.error is None]
+            probs = iter(self.backend.classify_chunk([it.loaded for it in good], labels, text_emb,
+                                                     [self._boxes(it.boxes) for it in good], size)
+                         if good else [])
+            for it in items:
+                p = self._prediction(it, False)
+                if it.error is None:
+                    p.probabilities = next(probs)
+                yield p
+
+    # ------------------------------------------------------------------------------- collect
+    def detect(self, images, labels: Sequence[str] | None = None, boxes=None, *, text_embeddings=None,
+               batch_size: int | None = None, num_workers: int | None = None,
+               proposals_out: list | None = None, window: int | None = LIST_WINDOW,
+               **scoring) -> Detections | list[Detections]:
+        """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
+
+        ``boxes`` (N, 4 xyxy pixels, or a list of them for a list of images) skips the proposal
+        stage. ``proposals_out`` (a list) receives each image's proposals, in input order. An
+        unreadable image raises ``BadImage``. See ``stream`` for the rest (``window``: up to
+        ``LIST_WINDOW`` images are grouped by aspect ratio together).
+        """
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if boxes is not None:
+            boxes = [boxes] if single else list(boxes)
+            if len(boxes) != len(items):
+                raise BadInput(f"got {len(items)} images but {len(boxes)} box lists")
+            boxes = [self._boxes(b) for b in boxes]
+        out, found = [], []
+        for p in self.stream(items, labels, boxes=boxes, text_embeddings=text_embeddings, batch_size=batch_size,
+                             num_workers=num_workers, proposals=proposals_out is not None and boxes is None,
+                             window=window, **scoring):
+            if p.error is not None:
+                raise BadImage(p.error)
+            out.append(p.detections)
+            found.append(p.proposals)
+        if proposals_out is not None and boxes is None:
+            proposals_out += found
+        return out[0] if single else out
+
+    def classify(self, images: Sequence, labels: Sequence[str] | None, boxes: Sequence, batch_size: int | None = None,
+                 *, text_embeddings=None, num_workers: int | None = None,
+                 window: int | None = LIST_WINDOW) -> list[torch.Tensor]:
+        """Per image, the (N, L) probability matrix of its given ``boxes`` (``iter_classify``)."""
+        out = []
+        for p in self.iter_classify(list(images), labels, list(boxes), text_embeddings=text_embeddings,
+                                    batch_size=batch_size, num_workers=num_workers, window=window):
+            if p.error is not None:
+                raise BadImage(p.error)
+            out.append(p.probabilities)
+        return out
