@@ -9,11 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from regionclip.errors import BadAnnotations, BadImage, BadInput
+from regionclip.errors import BadInput
 from regionclip.labels import read_label_lines
 
 from . import options as O
-from .render import console, progress, warn
+from .render import console, err_console, progress, warn
 
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
@@ -51,49 +51,75 @@ def detect(
     top_k: O.TopK = None,
     agnostic_nms: O.AgnosticNms = None,
     batch_size: O.BatchSize = 8,
+    workers: Annotated[int, typer.Option(help="Processes decoding images ahead of the model (0: decode in this one).")] = 2,
     text_embeddings: O.TextEmbeddings = None,
     flags: O.ModelFlags = None,
 ) -> None:
     """Detect objects named by --labels in images; print a table, optionally write JSON and annotated images.
 
     Every argument and output path is checked before the model is built. Exits non-zero if any
-    input could not be read (the others are still processed).
+    input could not be read (the others are still processed); on Ctrl-C the images done are
+    kept (--json holds their records) and it exits 130.
     """
-    from regionclip.config import check_scoring
-    from regionclip.io import expand_inputs
-    from regionclip.outputs import annotated_paths, atomic_write_text, check_output_dir, check_output_file, relative_paths
-    from regionclip.results import dumps_records
+    from regionclip.jobs import detect_files
 
     scoring = O.check_scoring_flags(score_threshold=score_threshold, max_detections=max_detections, nms_iou=nms_iou,
                                     top_k=top_k, agnostic_nms=agnostic_nms)
     O.check_positive("--batch-size", batch_size)
-    if json_out is not None:
-        check_output_file(json_out, "--json")
-    if save_dir is not None:
-        check_output_dir(save_dir, "--save-dir")
     vocab = read_labels(labels, labels_file)
-    paths, problems = expand_inputs(inputs)
-    if not paths:
-        raise BadImage("no images to process: " + "; ".join(problems))
-    targets = annotated_paths(paths, save_dir) if save_dir is not None else None
-    vocab, image_ids, category_ids = _ids(annotations, paths, vocab)
-    emb = O.read_text_embeddings(text_embeddings, vocab)
+    if not vocab and annotations is None and flags.model == "demo":
+        from regionclip.data.shapes import CATEGORIES
+
+        vocab = list(CATEGORIES)  # the demo model's own vocabulary, as a preset's default
+        err_console.print(f"labels: the demo model's {len(vocab)} ({', '.join(vocab)})", markup=False)
     export_dir = _onnx_export(flags)
-    if export_dir is None:
-        cfg = O.resolve_config(flags)
-        check_scoring(dataclasses.replace(cfg.scoring, **scoring))  # the preset's and --set scoring.* values too
-    for p in problems:
-        warn(p)
-    net = O.build_model(cfg) if export_dir is None else _onnx_model(export_dir, flags.device, scoring)
-    records, failed = _run(net, paths, vocab, batch_size, {**scoring, "text_embeddings": emb},
-                           image_ids, category_ids, targets, relative_paths(paths)[1])
-    console.print(f"{len(records)} detections in {len(paths) - failed} image(s)")
+    table = Table("image", "label", "score", "box (x1, y1, x2, y2)")
+    per_image = Table("image", "size", "detections", "ms (batch mean)")
+
+    def before_run(summary) -> None:
+        if export_dir is None:
+            from regionclip.config import check_scoring
+
+            cfg = O.resolve_config(flags)
+            check_scoring(dataclasses.replace(cfg.scoring, **scoring))  # the preset's and --set scoring.* values too
+        for line in summary.warnings + summary.problems:
+            warn(line)
+        tasks.append(bar.add_task("detecting", total=summary.images))
+
+    def build():
+        if export_dir is not None:
+            return _onnx_model(export_dir, flags.device, scoring)
+        return O.build_model(flags)
+
+    tasks: list = []
+    with progress(transient=True) as bar:
+        def on_result(p, shown) -> None:
+            bar.advance(tasks[0])
+            if p.error:
+                warn(p.error)
+                return
+            d = p.detections
+            for name, score, box in zip(d.names, d.scores.tolist(), d.boxes_xyxy.tolist()):
+                table.add_row(str(shown), name, f"{score:.3f}", ", ".join(f"{v:.1f}" for v in box))
+            (h, w) = p.original_size
+            per_image.add_row(str(shown), f"{w}x{h}", str(len(d)), f"{p.seconds * 1000:.0f}")
+
+        summary = detect_files(inputs, vocab, build, annotations=annotations, json_out=json_out, save_dir=save_dir,
+                               text_embeddings=text_embeddings, batch_size=batch_size, num_workers=workers,
+                               scoring=scoring, before_run=before_run, on_result=on_result)
+    console.print(table)
+    console.print(per_image)
+    console.print(f"{len(summary.records)} detections in {summary.done} image(s)")
     if json_out is not None:
-        atomic_write_text(json_out, dumps_records(records))
         console.print(f"wrote {json_out}")
     if save_dir is not None:
         console.print(f"annotated images in {save_dir}/")
-    if failed or problems:
+    if summary.interrupted:
+        err_console.print(f"interrupted: {summary.done} of {summary.images} image(s) done"
+                          + (f", their {len(summary.records)} detections in {json_out}" if json_out else ""),
+                          markup=False)
+        raise typer.Exit(code=130)
+    if summary.failed or summary.problems:
         raise typer.Exit(code=3)
 
 
@@ -123,53 +149,3 @@ def _onnx_model(folder: Path, device: str | None, scoring: dict):
     net = OnnxDetector(folder, device=device or "cpu")
     net.scoring_config(**scoring)  # the export's scoring with the flags, checked before any image runs
     return net
-
-
-def _ids(annotations: Path | None, paths: list[Path], vocab: list[str]) -> tuple[list[str], list[int], dict | None]:
-    """(vocabulary, image ids, label -> category id): from the ground truth when given, else positions."""
-    if annotations is None:
-        if not vocab:
-            raise BadInput('no labels given: pass --labels "dog,cat" or --labels-file vocab.txt (one per line)')
-        return vocab, list(range(len(paths))), None
-    from regionclip.evaluate import load_ground_truth
-    from regionclip.results import category_ids_for, image_ids_for
-
-    gt = load_ground_truth(annotations)
-    vocab = vocab or [c["name"] for c in gt.cats.values()]
-    image_ids = image_ids_for(gt, paths)
-    category_ids, missing = category_ids_for(gt, vocab)
-    if not category_ids:
-        raise BadAnnotations(f"none of the labels is a category of {annotations}; use its category names")
-    if missing:
-        warn(f"{len(missing)} label(s) are not categories of {annotations} and are left out of --json "
-             f"(first: {missing[0]!r})")
-    return vocab, image_ids, category_ids
-
-
-def _run(net, paths, vocab, batch_size, detect_kwargs, image_ids, category_ids, targets, shown):
-    """Detect; print the detections and a per-image table. Returns (records, failed images)."""
-    from regionclip.runner import iter_detect
-    from regionclip.visualize import save_annotated
-
-    records, failed = [], 0
-    table = Table("image", "label", "score", "box (x1, y1, x2, y2)")
-    per_image = Table("image", "size", "detections", "ms (batch mean)")
-    with progress(transient=True) as bar:
-        task = bar.add_task("detecting", total=len(paths))
-        for i, r in enumerate(iter_detect(net, paths, vocab, batch_size, **detect_kwargs)):
-            bar.advance(task)
-            if r.error:
-                warn(r.error)
-                failed += 1
-                continue
-            d = r.detections
-            records += d.to_records(image=str(r.path), image_id=image_ids[i], category_ids=category_ids)
-            for name, score, box in zip(d.names, d.scores.tolist(), d.boxes_xyxy.tolist()):
-                table.add_row(str(shown[i]), name, f"{score:.3f}", ", ".join(f"{v:.1f}" for v in box))
-            (h, w) = r.original_size
-            per_image.add_row(str(shown[i]), f"{w}x{h}", str(len(d)), f"{r.seconds * 1000:.0f}")
-            if targets is not None:
-                save_annotated(targets[i], *r.for_drawing())
-    console.print(table)
-    console.print(per_image)
-    return records, failed

@@ -322,16 +322,15 @@ def test_save_dir_on_the_input_folder_is_refused(img_dir, capsys, no_model):
 
 @pytest.mark.parametrize("flag,expected", [([], True), (["--no-agnostic-nms"], False), (["--agnostic-nms"], True)])
 def test_agnostic_nms_flag_reaches_detect(flag, expected, img_dir, capsys, monkeypatch):
-    from regionclip.detector import RegionCLIP
+    from regionclip.predictor import Predictor
 
-    seen, original = [], RegionCLIP.detect
+    seen, original = [], Predictor.stream
 
     def spy(self, *args, **kwargs):
-        dets = original(self, *args, **kwargs)
-        seen.append(kwargs.get("agnostic_nms", self.cfg.scoring.agnostic_nms))
-        return dets
+        seen.append(self.scoring_config(**{k: v for k, v in kwargs.items() if k == "agnostic_nms"}).agnostic_nms)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(RegionCLIP, "detect", spy)
+    monkeypatch.setattr(Predictor, "stream", spy)
     code, out, err = run(["detect", str(img_dir / "a.jpg"), "--labels", "x,y", *TINY, *flag], capsys)
     assert code == 0, err
     assert seen == [expected]
