@@ -25,7 +25,7 @@ def bench(
 ) -> None:
     """Time the pipeline on synthetic images: images/s, ms per stage, GFLOP/image, peak memory."""
     from regionclip.bench import check_settings, parse_size, run_benchmark
-    from regionclip.outputs import atomic_write_json, check_output_file
+    from regionclip.outputs import check_output_file
 
     size = parse_size(image_size)
     check_settings(batch_size=batch_size, image_size=size, num_labels=labels, iters=iters, warmup=warmup,
@@ -36,10 +36,10 @@ def bench(
     with progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=warmup + iters)
         result = run_benchmark(net, batch_size=batch_size, image_size=size, num_labels=labels, iters=iters,
-                               warmup=warmup, progress=lambda done, total: bar.update(task, completed=done))
+                               warmup=warmup, progress=lambda done, total: bar.update(task, completed=done),
+                               json_out=json_out)
     console.print(result_table(result))
     if json_out is not None:
-        atomic_write_json(json_out, result)
         console.print(f"wrote {json_out}")
 
 

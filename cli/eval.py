@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from regionclip.errors import BadAnnotations, BadImage, BadInput
 from regionclip.labels import read_label_lines
 
 from . import options as O
@@ -47,6 +45,9 @@ def render(report: dict) -> None:
                       f"vocabulary {s['vocabulary_size']}, mode {s['mode']}, proposals {s['proposals']}")
     if report.get("images_skipped"):
         warn(f"{report['images_skipped']} image(s) skipped (missing or unreadable)")
+    if report.get("images_mismatched"):
+        warn(f"{report['images_mismatched']} image(s) do not have the size the annotation file gives them: "
+             "other images of the same names? their figures mean little")
 
 
 @O.with_model_flags()
@@ -74,34 +75,18 @@ def eval_(
 
     Arguments, output paths and the split are checked before any model is built.
     """
-    from regionclip.data.splits import load_split
-    from regionclip.evaluate import check_split, load_ground_truth, write_report
-    from regionclip.outputs import atomic_write_json, check_output_file
+    from regionclip.eval_dataset import run_eval
 
-    if proposals not in ("model", "gt"):
-        raise BadInput(f"--proposals must be 'model' or 'gt', but got {proposals!r}")
     O.check_positive("--top-k", top_k)
     O.check_positive("--batch-size", batch_size)
-    for path, flag in ((json_out, "--json"), (results_out, "--results-out")):
-        if path is not None:
-            check_output_file(path, flag)
-    gt = load_ground_truth(annotations)
-    vocab = _vocabulary(vocabulary)
-    parts = load_split(split) if split is not None else None
-    if parts is not None:
-        check_split(gt, parts, vocab if results is None else None)
-    if results is not None:
-        if text_embeddings is not None:
-            raise BadInput("--text-embeddings is for running a model (--images), not for scoring --results")
-        report = _score_file(gt, results, parts)
-    else:
-        emb = _text_embeddings(gt, vocab, text_embeddings)
-        report, records = _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags, emb)
-        if results_out is not None:
-            atomic_write_json(results_out, records, indent=None)
+    with progress(transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        report = run_eval(annotations, lambda: O.build_model(flags), images=images, results=results, split=split,
+                          vocabulary=_vocabulary(vocabulary), proposals=proposals, top_k=top_k, batch_size=batch_size,
+                          text_embeddings=text_embeddings, report_out=json_out, results_out=results_out,
+                          progress=lambda n: bar.advance(task, n), total=lambda n: bar.update(task, total=n))
     render(report)
     if json_out is not None:
-        write_report(report, json_out)
         console.print(f"wrote {json_out}")
 
 
@@ -111,38 +96,3 @@ def _vocabulary(vocabulary: str | None) -> list[str] | None:
     p = Path(vocabulary)
     items = read_label_lines(p, "vocabulary file") if p.is_file() else vocabulary.split(",")
     return [s.strip() for s in items if s.strip()]
-
-
-def _text_embeddings(gt, vocab: list[str] | None, path: Path | None):
-    """--text-embeddings checked against the vocabulary the run will use (its count), before any model."""
-    if path is None:
-        return None
-    from regionclip.eval_dataset import vocabulary_for
-
-    return O.read_text_embeddings(path, vocabulary_for(gt, vocab)[0])
-
-
-def _score_file(gt, results: Path, parts) -> dict:
-    from regionclip.eval_dataset import evaluate_results
-
-    if not results.is_file():
-        raise BadAnnotations(f"results file not found: {results}")
-    try:
-        records = json.loads(results.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadAnnotations(f"{results}: not valid JSON ({exc.msg})") from None
-    return evaluate_results(gt, records, parts)
-
-
-def _run_model(gt, images, parts, vocab, proposals, top_k, batch_size, flags, emb) -> tuple[dict, list[dict]]:
-    from regionclip.eval_dataset import evaluate_model
-
-    if images is None:
-        raise BadInput("pass --images FOLDER to run a model, or --results FILE to score existing results")
-    if not images.is_dir():
-        raise BadImage(f"images folder not found: {images}")
-    net = O.build_model(flags)
-    with progress(transient=True) as bar:
-        task = bar.add_task("evaluating", total=len(gt.imgs))
-        return evaluate_model(net, gt, images, split=parts, vocabulary=vocab, proposals=proposals, top_k=top_k,
-                              batch_size=batch_size, text_embeddings=emb, progress=lambda n: bar.advance(task, n))

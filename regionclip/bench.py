@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .batch import ImageBatch
-from .detector import RegionCLIP
 from .errors import BadInput
+from .outputs import atomic_write_json, check_output_file
 from .runtime import synchronize
 
 STAGES = ("proposals", "regions", "text", "logits", "postprocess")
@@ -154,11 +154,12 @@ def _proc_status_kb(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def _one_batch(model: RegionCLIP, batch: ImageBatch, labels: list[str]) -> tuple[dict, int]:
-    """``RegionCLIP.detect_batch``'s stages, each timed between device synchronisations.
+def _one_batch(backend, batch: ImageBatch, labels: list[str]) -> tuple[dict, int]:
+    """``TorchBackend.detect_batch``'s stages, each timed between device synchronisations.
 
     Returns ({stage: ms}, boxes in the batch).
     """
+    model = backend.model
     device = model.device
     times: dict[str, float] = {}
 
@@ -174,12 +175,12 @@ def _one_batch(model: RegionCLIP, batch: ImageBatch, labels: list[str]) -> tuple
     regions = timed("regions", lambda: model.embed(batch, boxes))
     text_emb = timed("text", lambda: model.text(labels))
     logits = timed("logits", lambda: model.logits(regions, text_emb))
-    timed("postprocess", lambda: model.postprocess(batch, boxes, objectness, logits, labels))
+    timed("postprocess", lambda: backend.postprocess(batch, boxes, objectness, logits, labels))
     return times, sum(len(b) for b in boxes)
 
 
 def run_benchmark(
-    model: RegionCLIP,
+    model,
     *,
     batch_size: int = 1,
     image_size: tuple[int, int] = (640, 853),
@@ -188,8 +189,9 @@ def run_benchmark(
     warmup: int = 2,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    json_out: str | os.PathLike | None = None,
 ) -> dict:
-    """Time ``model`` on ``batch_size`` synthetic images of ``image_size`` (H, W) and ``num_labels`` labels.
+    """Time ``model`` (a ``RegionCLIP`` or a torch ``Predictor``) on ``batch_size`` synthetic images of ``image_size`` (H, W) and ``num_labels`` labels.
 
     Label embeddings are encoded once before timing (``text_encode_ms``; 0 prompts encoded
     means they were already cached), so ``stages_ms["text"]`` is what a cached vocabulary of
@@ -201,8 +203,14 @@ def run_benchmark(
     (from the median batch time), ``batch_ms`` and ``stages_ms[stage]`` as
     ``{median, p10, p90}`` over ``iters`` batches, ``text_encode_ms``,
     ``text_prompts_encoded``, ``boxes_per_image``, ``gflop_per_image``, ``achieved_tflops``,
-    ``peak_memory_mb`` and ``memory_kind``.
+    ``peak_memory_mb`` and ``memory_kind``; written to ``json_out`` too when given (checked first).
     """
+    backend = getattr(model, "predictor", model).backend
+    if not hasattr(backend, "postprocess"):
+        raise BadInput("bench times the torch model's stages; an ONNX export has its own: examples/bench_onnx.py")
+    model = backend.model
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     check_settings(batch_size=batch_size, image_size=image_size, num_labels=num_labels, iters=iters,
                    warmup=warmup, num_proposals=model.cfg.proposals.num_proposals)
     h, w = image_size
@@ -214,7 +222,7 @@ def run_benchmark(
 
     def step():
         nonlocal done
-        out = _one_batch(model, batch, labels)
+        out = _one_batch(backend, batch, labels)
         done += 1
         if progress is not None:
             progress(done, total)
@@ -236,7 +244,7 @@ def run_benchmark(
             if warmup:
                 step()
             else:
-                _one_batch(model, batch, labels)
+                _one_batch(backend, batch, labels)
         for _ in range(warmup - 1):
             step()
         runs, boxes = [], []
@@ -253,7 +261,7 @@ def run_benchmark(
     images_per_s = batch_size / (batch_ms["median"] / 1000)
     gflop = counter.get_total_flops() / 1e9 / batch_size
     cfg = model.cfg
-    return {
+    result = {
         "settings": {
             "clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained,
             "detector": cfg.detector, "detector_weights": cfg.detector_weights,
@@ -276,3 +284,6 @@ def run_benchmark(
         "peak_memory_mb": memory.mb,
         "memory_kind": memory.kind,
     }
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+    return result

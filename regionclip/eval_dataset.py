@@ -12,39 +12,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .detector import RegionCLIP
 from .errors import BadAnnotations, BadImage, BadInput
 from .eval_protocols import gt_box_accuracy, gt_box_records, gt_boxes
 from .evaluate import check_split, coco_map
-from .io import load_reduced
 from .recall import ProposalRecall
 
 Progress = Callable[[int], None]
-
-
-class _Images(Dataset):
-    """The images of a COCO file, decoded at the model's resolution (in DataLoader workers, so
-    decoding overlaps inference). An unreadable file yields its error instead of pixels."""
-
-    def __init__(self, coco, images_dir: Path, max_side: int | None, ids: Sequence[int]):
-        self.coco, self.images_dir, self.max_side = coco, images_dir, max_side
-        self.ids = list(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int):
-        image_id = self.ids[i]
-        try:
-            return image_id, load_reduced(self.images_dir / self.coco.imgs[image_id]["file_name"], self.max_side), None
-        except BadImage as exc:
-            return image_id, None, str(exc)
-
-
-def _as_list(items: list) -> list:
-    return items
 
 
 def _shard(ids: list[int], batch_size: int, shard: tuple[int, int]) -> list[int]:
@@ -55,17 +30,12 @@ def _shard(ids: list[int], batch_size: int, shard: tuple[int, int]) -> list[int]
     return [i for chunk in chunks[rank::world] for i in chunk]
 
 
-def _batches(coco, images_dir: Path, model: RegionCLIP, batch_size: int, workers: int, skipped: list[str],
-             shard: tuple[int, int] = (0, 1)):
-    """Yield lists of (image id, LoadedImage); unreadable or missing files go to ``skipped``."""
-    ids = _shard(sorted(coco.imgs), batch_size, shard)
-    loader = DataLoader(_Images(coco, images_dir, model.input_max_side, ids), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_as_list, pin_memory=model.device.type == "cuda")
-    for items in loader:
-        skipped += [error for _, _, error in items if error is not None]
-        good = [(image_id, loaded) for image_id, loaded, error in items if error is None]
-        if good:
-            yield good
+def _size_matches(coco, image_id: int, original_size: tuple[int, int]) -> bool:
+    """Whether a decoded image has the (height, width) its ground-truth entry gives (True when
+    the entry gives none): a file of the right name from another set has another size."""
+    img = coco.imgs[image_id]
+    h, w = img.get("height"), img.get("width")
+    return h is None or w is None or (int(h), int(w)) == tuple(original_size)
 
 
 def vocabulary_for(coco, vocabulary: Sequence[str] | None) -> tuple[list[str], dict[str, int]]:
@@ -136,42 +106,56 @@ def evaluate_model(
             raise BadInput(f"the GT-box protocol (proposals 'gt') classifies over the file's categories; "
                            f"the vocabulary lacks {missing[0]!r}")
         category_ids = [ids[n] for n in labels]
-    for batch in _batches(coco, images_dir, model, batch_size, workers, skipped, shard):
-        pixels = [loaded for _, loaded in batch]
-        if proposals == "model":
-            # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
-            found: list = []
-            dets = model.detect(pixels, labels, top_k=top_k, score_threshold=threshold, agnostic_nms=False,
-                                max_detections=COCO_MAX_DETECTIONS, batch_size=batch_size,
-                                text_embeddings=text_embeddings, proposals_out=found)
-            for (image_id, _), d, (boxes, objectness) in zip(batch, dets, found):
-                recall.add(image_id, boxes, objectness)
-                d = d.cpu()
+    predictor = getattr(model, "predictor", model)
+    ids_run = _shard(sorted(coco.imgs), batch_size, shard)
+    paths = [images_dir / coco.imgs[i]["file_name"] for i in ids_run]
+    if proposals == "model":
+        # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
+        results = predictor.stream(paths, labels, text_embeddings=text_embeddings, batch_size=batch_size,
+                                   num_workers=workers, proposals=True, top_k=top_k, score_threshold=threshold,
+                                   agnostic_nms=False, max_detections=COCO_MAX_DETECTIONS)
+    else:
+        gts = {i: gt_boxes(coco, i) for i in ids_run}
+        results = predictor.iter_classify(paths, labels, [gts[i][1] for i in ids_run], text_embeddings=text_embeddings,
+                                          batch_size=batch_size, num_workers=workers)
+    mismatched: list[str] = []
+    for p in results:
+        image_id = ids_run[p.index]
+        if p.error is not None:
+            skipped.append(p.error)
+        else:
+            if not _size_matches(coco, image_id, p.original_size):
+                mismatched.append(coco.imgs[image_id]["file_name"])
+            if proposals == "model":
+                recall.add(image_id, *p.proposals)
+                d = p.detections.cpu()
                 d = d[torch.tensor([n in ids for n in d.names], dtype=torch.bool)]  # names outside the file
                 records += d.to_records(image_id=image_id, category_ids=ids)
-        else:
-            gts = [gt_boxes(coco, image_id) for image_id, _ in batch]
-            probs = model.classify(pixels, labels, [b for _, b in gts], batch_size=batch_size,
-                                   text_embeddings=text_embeddings)
-            for (image_id, _), (a_ids, _), p in zip(batch, gts, probs):
-                scores[image_id], ann_ids[image_id] = p.cpu(), a_ids
-        images += len(batch)
+            else:
+                scores[image_id], ann_ids[image_id] = p.probabilities.cpu(), gts[image_id][0]
+            images += 1
         if progress:
-            progress(len(batch))
+            progress(1)
     seconds = time.perf_counter() - start
     if gather is not None:
-        parts = gather((records, scores, ann_ids, images, skipped, recall))
+        parts = gather((records, scores, ann_ids, images, skipped, recall, mismatched))
         records = [r for part in parts for r in part[0]]
         scores = {k: v for part in parts for k, v in part[1].items()}
         ann_ids = {k: v for part in parts for k, v in part[2].items()}
         images = sum(part[3] for part in parts)
         skipped = [m for part in parts for m in part[4]]
+        mismatched = [m for part in parts for m in part[6]]
         if recall is not None:
             recall = parts[0][5]
             for part in parts[1:]:
                 recall.merge(part[5])
     if images == 0:
         raise BadImage(f"none of the {len(coco.imgs)} images could be read from {images_dir} ({skipped[0] if skipped else 'no images'})")
+    if mismatched and len(mismatched) == images:
+        raise BadAnnotations(
+            f"none of the {images} images read from {images_dir} has the size the annotation file gives it "
+            f"(first: {mismatched[0]}): these are other images of the same names; pass the folder the "
+            "annotation file describes")
     report: dict = {}
     if proposals == "gt":
         report["accuracy"] = gt_box_accuracy(coco, scores, ann_ids, category_ids, split)
@@ -189,11 +173,124 @@ def evaluate_model(
     }
     report["images_skipped"] = len(skipped)
     report["skipped"] = skipped
+    report["images_mismatched"] = len(mismatched)  # read, but not the size the ground truth gives them
     return report, records
 
 
 def evaluate_results(coco, records: list[dict], split: dict[str, list[str]] | None = None) -> dict:
-    """Score an existing COCO results list (no model)."""
+    """Score an existing COCO results list (no model).
+
+    Records naming an ``image`` file that exists are checked against the ground truth's size
+    for it: when none of those images has it, they are other images of the same names and
+    ``BadAnnotations`` says so; ``report["images_mismatched"]`` counts the images that differ.
+    """
     if not isinstance(records, list):
         raise BadAnnotations("results must be a JSON list of COCO detection records")
-    return {"map": coco_map(coco, records, split), "settings": {"results": len(records)}}
+    checked, mismatched = _check_result_images(coco, records)
+    if checked and len(mismatched) == checked:
+        raise BadAnnotations(
+            f"none of the {checked} images the results name has the size the annotation file gives it "
+            f"(first: {mismatched[0]}): they were detected in other images of the same names; score them "
+            "against the annotation file of those images")
+    return {"map": coco_map(coco, records, split), "settings": {"results": len(records)},
+            "images_mismatched": len(mismatched)}
+
+
+def _check_result_images(coco, records: list) -> tuple[int, list[str]]:
+    """(image files checked, those whose size differs from their ground-truth entry's): records
+    with an ``image`` path that exists and matches a ``file_name`` (header reads only)."""
+    from PIL import Image
+
+    from .results import ImageIndex
+
+    index, seen, checked, mismatched = ImageIndex(coco), set(), 0, []
+    for rec in records:
+        path = rec.get("image") if isinstance(rec, dict) else None
+        if not isinstance(path, str) or path in seen:
+            continue
+        seen.add(path)
+        image_id = index.lookup(path)
+        if image_id is None or not Path(path).is_file():
+            continue
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation: shown rotated
+                    w, h = h, w
+        except OSError:
+            continue
+        checked += 1
+        if not _size_matches(coco, image_id, (h, w)):
+            mismatched.append(path)
+    return checked, mismatched
+
+
+def run_eval(
+    annotations: str | Path,
+    build: Callable[[], RegionCLIP] | None = None,
+    *,
+    images: str | Path | None = None,
+    results: str | Path | None = None,
+    split: str | Path | None = None,
+    vocabulary: Sequence[str] | None = None,
+    proposals: str = "model",
+    top_k: int = 3,
+    batch_size: int = 8,
+    text_embeddings=None,
+    report_out: str | Path | None = None,
+    results_out: str | Path | None = None,
+    progress: Progress | None = None,
+    total: Callable[[int], None] | None = None,
+) -> dict:
+    """``regionclip eval`` as one call: score ``results`` (a COCO results JSON), or run the model
+    ``build()`` returns over ``images`` (``evaluate_model``); write ``report_out`` / ``results_out``.
+
+    Every argument, output path, the split and the embeddings' count are checked before
+    ``build`` is called. ``total(n)`` is told the number of images before they run.
+    """
+    import json
+
+    from .data.splits import load_split
+    from .evaluate import load_ground_truth, write_report
+    from .outputs import atomic_write_json, check_output_file
+
+    if proposals not in ("model", "gt"):
+        raise BadInput(f"--proposals must be 'model' or 'gt', but got {proposals!r}")
+    for path, flag in ((report_out, "--json"), (results_out, "--results-out")):
+        if path is not None:
+            check_output_file(path, flag)
+    gt = load_ground_truth(annotations)
+    parts = load_split(split) if split is not None else None
+    if parts is not None:
+        check_split(gt, parts, vocabulary if results is None else None)
+    if results is not None:
+        if text_embeddings is not None:
+            raise BadInput("--text-embeddings is for running a model (--images), not for scoring --results")
+        results = Path(results)
+        if not results.is_file():
+            raise BadAnnotations(f"results file not found: {results}")
+        try:
+            records = json.loads(results.read_text())
+        except json.JSONDecodeError as exc:
+            raise BadAnnotations(f"{results}: not valid JSON ({exc.msg})") from None
+        report = evaluate_results(gt, records, parts)
+    else:
+        if text_embeddings is not None:
+            from .vocabulary import concept_vocabulary
+
+            text_embeddings = concept_vocabulary(text_embeddings, vocabulary_for(gt, vocabulary)[0])
+        if images is None:
+            raise BadInput("pass --images FOLDER to run a model, or --results FILE to score existing results")
+        if not Path(images).is_dir():
+            raise BadImage(f"images folder not found: {images}")
+        model = build()
+        if total is not None:
+            total(len(gt.imgs))
+        report, records = evaluate_model(model, gt, images, split=parts, vocabulary=vocabulary, proposals=proposals,
+                                         top_k=top_k, batch_size=batch_size, text_embeddings=text_embeddings,
+                                         progress=progress)
+        if results_out is not None:
+            atomic_write_json(results_out, records, indent=None)
+    if report_out is not None:
+        write_report(report, report_out)
+    return report
