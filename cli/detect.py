@@ -144,8 +144,8 @@ def _onnx_export(flags: O.ModelFlags) -> Path | None:
 
 
 def _onnx_model(folder: Path, device: str | None, scoring: dict):
-    from regionclip.onnx import OnnxDetector
+    from regionclip.predictor import Predictor
 
-    net = OnnxDetector(folder, device=device or "cpu")
+    net = Predictor.from_onnx(folder, device=device or "cpu")
     net.scoring_config(**scoring)  # the export's scoring with the flags, checked before any image runs
     return net

@@ -85,7 +85,7 @@ def main() -> None:
             export_onnx(model, folder)
             export_s = time.perf_counter() - start
             size_mb = sum(p.stat().st_size for p in Path(folder).iterdir()) / 2**20
-            net = OnnxDetector(folder, threads=args.threads)
+            net = RegionCLIP.from_onnx(folder, threads=args.threads)  # a Predictor over OnnxDetector
             model.encode_text(labels), net.encode_text(labels)  # both cache their label embeddings
             t_torch, t_ort, same = compare(model, net, images, labels, args.iters)
         rows.append((name, t_torch, t_ort, export_s, size_mb, same))

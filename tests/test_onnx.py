@@ -27,6 +27,7 @@ from regionclip.box_head import BoxRefiner  # noqa: E402
 from regionclip.data.shapes import CATEGORIES, render_shapes_image  # noqa: E402
 from regionclip.errors import BadConfig, RegionClipError, WeightsUnavailable  # noqa: E402
 from regionclip.onnx import OnnxDetector, OnnxUnavailable, export_onnx, ops  # noqa: E402
+from regionclip.predictor import Predictor  # noqa: E402
 from regionclip.onnx.tokenizer import ClipTokenizer  # noqa: E402
 
 # (h, w): square, landscape, portrait, larger than the demo's input_max_side (640: reduced on
@@ -48,7 +49,9 @@ def exported(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_demo(exported):
-    return OnnxDetector(exported)
+    net = RegionCLIP.from_onnx(exported)  # the one Predictor, over the ONNX backend
+    assert isinstance(net, Predictor) and isinstance(net.backend, OnnxDetector)
+    return net
 
 
 def shapes(seed: int, size) -> np.ndarray:
@@ -120,7 +123,7 @@ def test_pool_encoders_match_torch(arch, tmp_path):
     regions = {"pool_short_side": 96, "pool_max_side": 160}
     model = tiny_model(arch, "pool", proposals={"num_proposals": 30}, regions=regions)
     export_onnx(model, tmp_path)
-    net = OnnxDetector(tmp_path)
+    net = Predictor(OnnxDetector(tmp_path))
     for seed, size in enumerate([(120, 160), (150, 100)]):
         img = shapes(seed, size)
         kw = {"score_threshold": 0.0, "agnostic_nms": False, "top_k": 1}
@@ -136,7 +139,7 @@ def test_second_stage_refinement_matches_torch(tmp_path):
     with torch.no_grad():
         model.proposals.detector.roi_heads.box_predictor.bbox_pred.weight.mul_(30.0)
     export_onnx(model, tmp_path)
-    net = OnnxDetector(tmp_path)
+    net = Predictor(OnnxDetector(tmp_path))
     assert net.manifest["second_stage"]["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
     assert net.manifest["graphs"]["second_stage"]["inputs"][-1] == "boxes"
     refined = model.cfg.proposals
@@ -172,7 +175,7 @@ def test_box_refinement_matches_torch(arch, mode, gain, tmp_path):
     model.box_head = head.eval()
     model.cfg.regions.box_refinement = True
     export_onnx(model, tmp_path)
-    net = OnnxDetector(tmp_path)
+    net = Predictor(OnnxDetector(tmp_path))
     assert net.manifest["box_head"]["box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
     assert net.manifest["box_head"]["hidden"] == 16
     assert net.manifest["graphs"]["regions"]["outputs"] == ["embeddings", "deltas"]

@@ -2,10 +2,10 @@
 
 ``export_onnx(model, DIR)`` (``regionclip export``) writes four graphs (five for ``proposals.source=refined``) and a manifest; labels are
 an input of the scoring graph, so a new vocabulary never needs a new export.
-``OnnxDetector(DIR)`` (``RegionCLIP.from_onnx``, ``regionclip detect --model DIR``) runs them:
-``predict`` takes and returns numpy arrays and never imports torch; ``detect`` mirrors
-``RegionCLIP.detect`` (paths, PIL images, arrays; ``Detections``), which imports torch for
-decoding and the result type only.
+``OnnxDetector(DIR)`` runs them: ``predict`` takes and returns numpy arrays and never imports
+torch. It is the ONNX backend of ``regionclip.predictor.Predictor``: ``RegionCLIP.from_onnx(DIR)``
+(and ``regionclip detect --model DIR``) is a ``Predictor`` over it, with ``detect`` and
+``stream`` as for the torch model (paths, PIL images, arrays; ``Detections``).
 
 Nothing here imports torch or onnxruntime at import time. onnx and onnxruntime come with the
 optional extra: ``pip install -e ".[onnx]"``.

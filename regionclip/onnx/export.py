@@ -76,7 +76,7 @@ from torchvision.ops import roi_align
 from ..atomic import atomic_path
 from ..box_head import BoxRefiner
 from ..config import to_dict
-from ..detector import RegionCLIP
+from ..model import RegionCLIPModel as RegionCLIP
 from ..errors import BadConfig, BadOutput
 from ..regions import CropEncoder, ViTPoolEncoder
 from ..scoring import region_logits

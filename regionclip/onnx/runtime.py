@@ -1,11 +1,14 @@
 """``OnnxDetector``: an ONNX export (``export_onnx``) run with onnxruntime and numpy, no torch.
 
+The predictor's second backend: ``RegionCLIP.from_onnx(DIR)`` (``Predictor.from_onnx``) puts a
+``Predictor`` over it, which decodes, streams and calls ``detect_chunk``; ``predict`` runs one
+decoded image without torch.
+
 The same stages as ``RegionCLIP`` for one image at a time: ``propose`` -> ``embed`` (->
 ``refine`` for an export with a box head) -> ``probabilities`` (the scoring graph over any
 vocabulary) -> ``postprocess``. Labels are encoded by the exported text graph and cached per
 label, or come from an embeddings array / file, so a new vocabulary never needs a new export.
-``predict`` is the torch-free entry point (numpy in, numpy out); ``detect`` mirrors
-``RegionCLIP.detect`` and imports torch for decoding files and for ``Detections``.
+``predict`` is the torch-free entry point (numpy in, numpy out).
 """
 
 from __future__ import annotations
@@ -296,9 +299,10 @@ class OnnxDetector:
 
     # ----------------------------------------------------------------- the predictor backend
     def detect_chunk(self, loaded: Sequence, labels: Sequence[str], text: np.ndarray, scoring: ScoringConfig,
-                     boxes=None, proposals: bool = False) -> list:
+                     boxes=None, proposals: bool = False, batch_size: int | None = None) -> list:
         """``Predictor``'s backend call: per decoded image (``LoadedImage``), ``(Detections, None)``.
-        Images run one at a time; given boxes and proposal outputs are not supported."""
+        Images run one at a time (``batch_size`` is for the torch backend); given boxes and
+        proposal outputs are not supported."""
         import torch
 
         from ..detections import Detections
@@ -316,13 +320,6 @@ class OnnxDetector:
 
     def classify_chunk(self, *args, **kwargs):
         raise BadInput("the ONNX runtime does not classify given boxes; use RegionCLIP.from_pretrained(...).classify")
-
-    def detect(self, images, labels: Sequence[str] | None = None, boxes=None, **kwargs):
-        """``RegionCLIP.detect`` on onnxruntime, through the one ``Predictor`` (imports torch for
-        decoding and ``Detections``; ``predict`` does not)."""
-        from ..predictor import Predictor
-
-        return Predictor(self).detect(images, labels, boxes, **kwargs)
 
 
 def _providers(ort, device: str | None) -> list[str]:
