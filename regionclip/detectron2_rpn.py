@@ -20,7 +20,6 @@ RPN NMS, pre-/post-NMS top-k stay ``ProposalConfig``'s (``RPN_DEFAULTS`` holds R
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import OrderedDict
 
@@ -198,7 +197,6 @@ def _build(layout: str) -> FasterRCNN:
     )
 
 
-@functools.lru_cache(maxsize=None)
 def build_rpn_detector(layout: str, state: dict | None = None, where: str = "checkpoint") -> FasterRCNN:
     """A torchvision Faster R-CNN proposal stage in detectron2's convention, ``state`` loaded.
 

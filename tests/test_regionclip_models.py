@@ -278,9 +278,10 @@ def test_regionclip_text_ensemble(cc_model):
     got = model.encode_text(labels)
     assert model.text.prompts_encoded - before == 2 * 81
     tokenizer = zoo.clip_tower.open_clip.get_tokenizer(TINY)
-    with torch.no_grad():
-        want = F.normalize(zoo.regionclip_text_embeddings(model.clip.encode_text, tokenizer, labels), dim=-1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # extract_concept_features.py: per name, the raw mean of its 81 prompts' features
+        raw = torch.stack([model.clip.encode_text(tokenizer(zoo.concepts.regionclip_prompts(lb, zoo.REGIONCLIP_TEMPLATES)))
+                           .float().mean(dim=0) for lb in labels])
+    torch.testing.assert_close(got, F.normalize(raw, dim=-1), rtol=1e-5, atol=1e-6)
 
 
 def test_save_keeps_the_box_head_and_background(coco_model, files, tmp_path):
@@ -365,8 +366,8 @@ def test_eval_with_concept_embeddings_keeps_the_recipes_threshold(coco_model, fi
     names = [c["name"] for c in gt.cats.values()]
     emb = torch.randn(len(names), 32, generator=torch.Generator().manual_seed(1))
     seen = []
-    detect = coco_model.detect
-    monkeypatch.setattr(coco_model, "detect", lambda *a, **k: seen.append(k) or detect(*a, **k))
+    stream = coco_model.predictor.stream
+    monkeypatch.setattr(coco_model.predictor, "stream", lambda *a, **k: seen.append(k) or stream(*a, **k))
     report, records = evaluate_model(coco_model, gt, tiny_shapes["val_images"], text_embeddings=emb, workers=0)
     assert report["settings"]["images"] == 4 and records
     assert seen and all(k["score_threshold"] is None for k in seen)  # the preset's 0.001, not 0

@@ -180,6 +180,8 @@ def _set_trainable(model: RegionCLIP, run) -> list[nn.Parameter]:
     model.clip.logit_scale.requires_grad_(True)  # the temperature always learns
     for p in model.proposals.parameters():
         p.requires_grad_(run.train_proposals)
+    if model.box_head is not None:
+        model.box_head.requires_grad_(True)  # models are built frozen (inference); the head always trains
     frozen = list(run.freeze) + _frozen_backbone(model, run)
     for name, p in model.named_parameters():
         if any(name.startswith(prefix) for prefix in frozen):

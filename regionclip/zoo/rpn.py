@@ -23,6 +23,7 @@ RPN NMS, pre-/post-NMS top-k stay ``ProposalConfig``'s (``RPN_DEFAULTS`` holds R
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -125,6 +126,7 @@ def convert_rpn(state: dict, where: str = "checkpoint") -> tuple[dict, str]:
 
 
 
+@functools.lru_cache(maxsize=None)
 def _target_keys(layout: str) -> tuple[str, ...]:
     """The backbone + rpn keys of ``build_rpn_detector(layout)`` (FrozenBN: no batch counters)."""
     with torch.device("meta"):  # names only: no memory, no initialisation
