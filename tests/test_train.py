@@ -156,7 +156,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_shapes, tmp_path):
 def test_sampled_regions_follow_the_iou_rules():
     """GT boxes keep their labels; proposals at IoU >= 0.5 take their box's label, below 0.5 background."""
     from regionclip.train.config import LossConfig
-    from regionclip.train.loop import sample_regions
+    from regionclip.train.sampling import sample_regions
 
     gt = torch.tensor([[10.0, 10, 50, 50], [100, 100, 140, 140]])
     props = torch.tensor([[12.0, 12, 50, 50],  # IoU 0.90 with box 0
@@ -390,21 +390,22 @@ def test_training_samples_by_objectness_probabilities_under_the_regionclip_recip
     """A model whose scoring fuses raw RPN logits (scoring.recipe regionclip) still hands the
     region sampler probabilities in [0, 1] when its proposals do not train (the propose() path):
     its thresholds and rankings read objectness as one, and a raw logit is negative below 0.5."""
-    import regionclip.train.loop as loop
+    import regionclip.train.finetune as finetune
     from regionclip.batch import ImageBatch
+    from regionclip.train.optim import build_model
 
     seen = []
-    real = loop.sample_regions
-    monkeypatch.setattr(loop, "sample_regions", lambda proposals, *a, **k: seen.append(
+    real = finetune.sample_regions
+    monkeypatch.setattr(finetune, "sample_regions", lambda proposals, *a, **k: seen.append(
         torch.cat([o for _, o in proposals])) or real(proposals, *a, **k))
     cfg = tiny_config(tiny_shapes, tmp_path, train={"train_proposals": False},
                       model={"scoring": {"recipe": "regionclip", "background": True, "objectness_weight": 0.5,
                                          "logit_scale": None}})
     torch.manual_seed(0)
-    model = loop._build(cfg.model, cfg.train)
+    model = build_model(cfg.model, cfg.train)
     with torch.no_grad():
         model.proposals.detector.rpn.head.cls_logits.bias.fill_(-2.0)  # an RPN that doubts: logits < 0, sigmoid 0.12
-    step = loop.RegionTextLoss(model, cfg, 1, ["red circle", "green square"])
+    step = finetune.RegionTextLoss(model, cfg, 1, ["red circle", "green square"])
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0]]), "labels": torch.tensor([0])}]
     step(ImageBatch.from_tensors([torch.rand(3, 64, 64)]), targets)
     objectness = torch.cat(seen)

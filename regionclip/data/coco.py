@@ -14,7 +14,6 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,7 +21,9 @@ from ..errors import BadAnnotations, BadConfig, BadInput
 from ..io import load_image
 
 Target = dict[str, Any]
-# Boxes under a pixel wide or high after a geometric step are dropped with their labels.
+# torchvision.transforms.v2 moves the boxes with the pixels. Boxes are clamped to the image
+# first; boxes under a pixel wide or high after the geometric steps are dropped with their labels.
+_CLAMP = v2.ClampBoundingBoxes()
 _SANITIZE = v2.SanitizeBoundingBoxes(min_size=1.0)
 
 
@@ -164,30 +165,27 @@ class CocoDetection(Dataset):
         # BadImage names the file. HWC -> CHW, still uint8.
         image = torch.from_numpy(load_image(self.images_dir / file_name)).permute(2, 0, 1).contiguous()
         h, w = image.shape[-2:]
-        boxes = clip_boxes_to_image(torch.from_numpy(boxes_np.copy()), (h, w))
-        labels = torch.from_numpy(labels_np.copy())
-
+        sample = {"image": tv_tensors.Image(image), "labels": torch.from_numpy(labels_np.copy()),
+                  "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes_np.copy()), format="XYXY", canvas_size=(h, w))}
+        sample = _CLAMP(sample)
         if self.max_side is not None and max(h, w) > self.max_side:
             scale = self.max_side / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             # antialias: plain bilinear downsampling aliases thin edges that small boxes depend on.
-            image = TF.resize(image, [nh, nw], antialias=True)
-            boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
-
+            sample = v2.Resize([max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)(sample)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         if self.train and self.hflip_prob > 0 and torch.rand((), generator=generator) < self.hflip_prob:
-            width = image.shape[-1]
-            image = image.flip(-1)
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-
+            # v2's functional, with our own coin: v2.RandomHorizontalFlip draws from the global RNG
+            # even at p=1, which would tie the step's sampling to where the batch was decoded.
+            sample = {**sample, "image": TF.horizontal_flip(sample["image"]), "boxes": TF.horizontal_flip(sample["boxes"])}
+        n_boxes = len(sample["boxes"])
         # After every geometric step: a box that clipping or resizing left under a pixel wide
         # (real COCO has boxes partly or wholly outside their image) would make the box
         # regression targets infinite. Counted, so a run's log says what it lost.
-        kept = _SANITIZE({"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:])),
-                          "labels": labels})
-        target: Target = {"boxes": kept["boxes"].as_subclass(torch.Tensor), "labels": kept["labels"],
+        sample = _SANITIZE(sample)
+        image = sample["image"].as_subclass(torch.Tensor)
+        target: Target = {"boxes": sample["boxes"].as_subclass(torch.Tensor), "labels": sample["labels"],
                           "image_id": int(image_id), "orig_size": (int(h), int(w)),
-                          "dropped": len(boxes) - len(kept["boxes"])}
+                          "dropped": n_boxes - len(sample["boxes"])}
         return image, target
 
     @staticmethod

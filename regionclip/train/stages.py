@@ -29,7 +29,7 @@ from ..data.captions import captions_path_for
 from ..detector import RegionCLIP
 from ..errors import BadConfig
 from .config import TrainConfig
-from .losses import clip_loss, distill_loss, gather_features, mean_count, pseudo_labels
+from .losses import clip_loss, distill_loss, mean_count, pseudo_labels
 
 
 class Captioned(Dataset):
@@ -79,7 +79,7 @@ def image_text_loss(model: RegionCLIP, batch, targets, cfg: TrainConfig, world: 
     text = _caption_embeddings(model, targets)
     world = world if cfg.clip.gather else 1
     scale = model.clip.logit_scale.exp().clamp(max=100)
-    return clip_loss(gather_features(image, world), gather_features(text, world), scale)
+    return clip_loss(image, text, scale, world)
 
 
 class ImageTextLoss(nn.Module):
