@@ -125,7 +125,3 @@ def test_text_cache_second_model_encodes_nothing(tmp_path):
     assert summary["second"] == 0 and summary["same"]
     assert len(summary["cache_files"]) == 1
 
-
-def test_bench_soft_nms_keeps_the_same_detections(capsys):
-    result = example("bench_soft_nms")(["--proposals", "60", "--labels", "5", "--repeats", "1"])
-    assert result["identical"] and result["pairs"] == 300, result
