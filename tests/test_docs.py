@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -363,3 +365,12 @@ def test_a_stale_block_fails(language, mode, code, message, workdir, monkeypatch
         test_block(block, workdir, monkeypatch)
     assert info.type is not _Parsed
     assert message in str(info.value) + capsys.readouterr().err, str(info.value)
+
+
+def test_site_builds_strictly(tmp_path):
+    """``mkdocs build --strict`` (as .ci/run runs it): a broken link or anchor between pages fails."""
+    pytest.importorskip("material", reason="the docs extra (mkdocs-material) is not installed")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").is_file()
