@@ -47,8 +47,10 @@ def train(
             return
         if stage not in tasks:  # a staged config: one bar per stage
             tasks[stage] = bar.add_task(prefix or "training", total=event["max_steps"])
+        loss = event["loss"]  # NaN until the first log_every step: the loss is read only there
         bar.update(tasks[stage], completed=event["step"], description=(
-            f"{prefix}loss {event['loss']:.3f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s"))
+            f"{prefix}" + (f"loss {loss:.3f} " if loss == loss else "")
+            + f"lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s"))
 
     try:
         result = run_training(cfg, resume=resume, progress=report)

@@ -255,6 +255,7 @@ def _loose_box_iou(shapes, g: torch.Generator, move) -> tuple[float, float]:
     with torch.no_grad():
         for i in range(len(data)):
             image, target = data[i]
+            image = image.float() / 255  # the dataset's uint8 as the model's [0, 1]
             if len(target["boxes"]):
                 loose = _loose(target["boxes"], g)
                 raw_iou.append(box_iou(loose, target["boxes"]).diagonal())

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from ..batch import ImageBatch
 from ..config import dump_config, to_dict
-from ..data import CocoDetection, collate, load_split
+from ..data import CocoDetection, load_split
 from ..detector import RegionCLIP
 from ..errors import BadConfig, BadInput
 from ..proposals import frozen_backbone_prefixes
@@ -37,6 +37,7 @@ from ..runtime import autocast_for, resolve_device
 from ..box_head import BoxRefiner
 from ..weights import register_clip_config
 from .config import TrainConfig, stage_config
+from .feed import Feed
 from .losses import box_regression_loss, mean_count
 from .sampling import sample_regions
 from .stages import ImageTextLoss, RegionConceptLoss, Teacher, captioned
@@ -125,7 +126,7 @@ class RegionTextLoss(nn.Module):
         logits = m.logits(F.normalize(raw, dim=-1), text_emb, background=True,
                           scale=m.clip.logit_scale.exp().clamp(max=100))
         # Divide by the global region count so DDP's gradient averaging gives the global mean.
-        norm = mean_count(float(len(labels)), self.world, batch.device)
+        norm = mean_count(len(labels), self.world, batch.device)
         losses["loss_region_text"] = F.cross_entropy(logits, labels, reduction="sum") / norm
         if m.box_head is not None and lc.box_regression_weight > 0:
             # Fast R-CNN's box loss: the foreground regions' deltas to their matched GT box,
@@ -222,20 +223,6 @@ def _optimizer(params: list[nn.Parameter], o, box_head: nn.Module | None = None)
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
 
 
-def _epoch_loader(dataset, sampler, epoch: int, skip: int, per_rank: int, cfg: TrainConfig,
-                  rank: int = 0) -> DataLoader:
-    """Batches of one epoch, skipping the first ``skip`` (resume mid-epoch). Global batch k is
-    the same images whatever the world size; the loader's own generator leaves the global RNG alone.
-    That generator seeds the workers' RNG (``num_workers`` > 0: flips are drawn there), so it is
-    seeded by (seed, epoch, rank): seeded by the epoch alone, every rank drew the same flips."""
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    indices = indices[skip * per_rank: len(indices) // per_rank * per_rank]
-    generator = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1_009 + rank)
-    return DataLoader(dataset, batch_size=per_rank, sampler=indices, collate_fn=collate,
-                      num_workers=cfg.train.num_workers, generator=generator)
-
-
 def _dist_init(device_spec: str) -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -272,14 +259,15 @@ def run_stages(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     return result
 
 
-def _all_mean(x: float, world: int, device: torch.device) -> float:
-    """Mean of ``x`` over the processes. The tensor lives on ``device``: NCCL reduces only
-    CUDA tensors, gloo CPU ones, and each process trains on the device its backend serves."""
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / world
+def _all_mean(x: torch.Tensor, world: int) -> list[float]:
+    """Per-process values ``x`` (a 1-D tensor, e.g. the losses of the steps since the last log)
+    -> their means over the processes, on the host: the one place a step's loss leaves the device.
+    NCCL reduces CUDA tensors, gloo CPU ones: ``x`` lives where its process trains."""
+    x = x.double()
+    if world > 1:
+        dist.all_reduce(x)
+        x = x / world
+    return x.tolist()
 
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: Progress | None = None) -> TrainResult:
@@ -407,16 +395,16 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
             checkpoint("best.pt")
 
     result = TrainResult(step=step, model=model, out_dir=out)
-    loader = iter(_epoch_loader(train_set, sampler, epoch, position, per_rank, cfg, rank))
+    feed = Feed(train_set, sampler, per_rank, run.seed, rank, run.num_workers, device, epoch, position)
     tick, seen, rate, dropped = time.perf_counter(), 0, 0.0, 0
+    # Losses stay on the device until a log step: reading one every step would make the host
+    # wait for the GPU to finish the step before it can queue the next.
+    pending: list[torch.Tensor] = []
+    value = float("nan")
     while step < o.max_steps:
-        if position >= batches_per_epoch:
-            epoch, position = epoch + 1, 0
-            loader = iter(_epoch_loader(train_set, sampler, epoch, 0, per_rank, cfg, rank))
-        images, targets = next(loader)
-        dropped += sum(t.get("dropped", 0) for t in targets)  # boxes the data transforms left under a pixel
-        images = [img.to(device) for img in images]
-        targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        images, targets, lost = feed.next()
+        dropped += lost  # boxes the data transforms left under a pixel
+        epoch, position = feed.epoch, feed.position
 
         batch = ImageBatch.from_tensors(images)
         with autocast():
@@ -430,13 +418,15 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
         scaler.step(optimizer)  # skips the step when a scaled gradient overflowed
         scaler.update()
         scheduler.step()
-        step, position, seen = step + 1, position + 1, seen + o.batch_size
-        value = _all_mean(float(loss.detach()), world, device)
-        result.losses.append(value)
+        step, seen = step + 1, seen + o.batch_size
+        pending.append(loss.detach())
 
-        if step % run.log_every == 0 or step == o.max_steps:
+        logging = step % run.log_every == 0 or step == o.max_steps
+        if logging:
+            result.losses += _all_mean(torch.stack(pending), world)
+            pending, value = [], result.losses[-1]
             rate = seen / max(1e-9, time.perf_counter() - tick)
-        if rank == 0 and (step % run.log_every == 0 or step == o.max_steps):
+        if rank == 0 and logging:
             log({"step": step, "loss": value, **{k: float(v.detach()) for k, v in losses.items()},
                  "lr": scheduler.get_last_lr()[0], "img_per_s": rate, "boxes_dropped": dropped,
                  "logit_scale": float(model.clip.logit_scale.detach().exp())})

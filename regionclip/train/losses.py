@@ -81,11 +81,16 @@ def box_regression_loss(deltas: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none").sum(dim=1)
 
 
-def mean_count(n: float, world: int, device: torch.device) -> float:
-    """Mean of ``n`` over the processes, at least 1: losses divide by it so DDP's gradient
-    averaging yields the global mean."""
+def mean_count(n: int | torch.Tensor, world: int, device: torch.device) -> float | torch.Tensor:
+    """Mean of the count ``n`` over the processes, at least 1: losses divide by it so DDP's
+    gradient averaging yields the global mean. A tensor on ``device`` when ``n`` is one or there
+    are several processes: the count is summed there, and reading it back would stall the host
+    every step."""
+    if world == 1 and not isinstance(n, torch.Tensor):
+        return max(1.0, float(n))
+    t = (n.detach().to(device=device, dtype=torch.float32).clone() if isinstance(n, torch.Tensor)
+         else torch.full((), float(n), device=device))  # a fill, not a blocking host copy
     if world > 1:
-        t = torch.tensor([n], dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        n = float(t)
-    return max(1.0, n / world)
+        t = t / world
+    return t.clamp(min=1.0)
