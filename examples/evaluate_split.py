@@ -9,7 +9,7 @@ base/novel figures average over their own categories only.
 Run (offline, demo model; 8 s of CPU time with the default 8 generated images):
 
     python examples/evaluate_split.py                      # generates a shapes val set in OUT/data
-    python examples/evaluate_split.py --num-images 200     # the README's shapes val set (seed 0, 200 images)
+    python examples/evaluate_split.py --num-images 200     # the shapes val set of docs/demo-model.md (seed 0, 200 images)
     python examples/evaluate_split.py --annotations instances_val2017.json --images val2017/ \\
         --split configs/splits/ovd_coco.yaml --model rn50
 
