@@ -3,6 +3,13 @@ training folder, output cut at 80 columns when piped, warnings nobody can act on
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+from conftest import shapes_image, tiny_model
 from test_cli import run
 
 SMALL = ["--train", "1", "--val", "1", "--min-side", "64", "--max-side", "64", "--captions-per-image", "0"]
@@ -20,3 +27,47 @@ def test_make_shapes_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsy
     assert (out / "annotations" / "instances_train.json").is_file() and (out / "notes.txt").read_text() == "mine"
     code, _, err = run(["make-shapes", str(tmp_path / "new"), *SMALL], capsys)  # a new folder needs no flag
     assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A finished training run's folder as ``regionclip train`` leaves it: model.pt + preset.yaml."""
+    from regionclip.config import to_dict
+
+    folder = tmp_path_factory.mktemp("run")
+    model = tiny_model(seed=3)
+    model.save(folder / "model.pt")
+    preset = to_dict(model.cfg)
+    preset["checkpoint"] = str(folder / "model.pt")
+    (folder / "preset.yaml").write_text(yaml.safe_dump(preset, sort_keys=False))
+    return folder
+
+
+@pytest.fixture
+def one_image(tmp_path) -> Path:
+    path = tmp_path / "a.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(shapes_image(64, 80, 0), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_model_option_takes_a_training_runs_folder(run_folder, one_image, tmp_path, capsys):
+    """--model runs/x is runs/x/preset.yaml (it used to be read as an ONNX export and fail)."""
+    for model in (run_folder, run_folder / "preset.yaml"):
+        code, out, err = run(["detect", str(one_image), "--model", str(model), "--labels", "red circle",
+                              "--score-threshold", "0", "--json", str(tmp_path / "d.json")], capsys)
+        assert code == 0, err
+        assert "onnx" not in (out + err).lower()
+        records = json.loads((tmp_path / "d.json").read_text())
+        assert records and all(r["label"] == "red circle" for r in records)
+
+
+def test_model_option_on_another_folder_says_what_it_should_hold(tmp_path, one_image, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["detect", str(one_image), "--model", str(tmp_path / "empty"), "--labels", "x"], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "preset.yaml" in err and "manifest.json" in err and "Traceback" not in err
+    unfinished = tmp_path / "unfinished" / "boxes"  # a staged run stopped in its first stage
+    unfinished.mkdir(parents=True)
+    (unfinished / "last.pt").write_bytes(b"")
+    code, _, err = run(["detect", str(one_image), "--model", str(unfinished.parent), "--labels", "x"], capsys)
+    assert code != 0 and "not finished" in err and "--resume" in err and len(err.strip().splitlines()) == 1, err
