@@ -71,3 +71,18 @@ def test_model_option_on_another_folder_says_what_it_should_hold(tmp_path, one_i
     (unfinished / "last.pt").write_bytes(b"")
     code, _, err = run(["detect", str(one_image), "--model", str(unfinished.parent), "--labels", "x"], capsys)
     assert code != 0 and "not finished" in err and "--resume" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_piped_tables_keep_long_image_paths_whole(tmp_path, capsys):
+    """Output to a pipe was cut at 80 columns: image names lost their file name to '…'."""
+    from test_cli import TINY
+
+    folder = tmp_path / ("a_folder_with_a_rather_long_name_" * 3)
+    folder.mkdir()
+    path = folder / "an_image_whose_name_alone_is_longer_than_forty_characters.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(shapes_image(64, 80, 0), cv2.COLOR_RGB2BGR))
+    code, out, err = run(["detect", str(path), "--labels", "red circle", *TINY, "--score-threshold", "0",
+                          "--max-detections", "2"], capsys)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if path.name in line]
+    assert len(rows) >= 2 and "…" not in out, out  # the detections table and the per-image table
