@@ -86,3 +86,22 @@ def test_piped_tables_keep_long_image_paths_whole(tmp_path, capsys):
     assert code == 0, err
     rows = [line for line in out.splitlines() if path.name in line]
     assert len(rows) >= 2 and "…" not in out, out  # the detections table and the per-image table
+
+
+def test_no_warnings_users_cannot_act_on(models):
+    """A read-only array (np.asarray of a PIL image) warned 'not writable'; the learned temperature
+    warned 'requires_grad ... to a scalar' whenever logits ran outside inference mode."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    model = models("vit")
+    pixels = np.asarray(Image.fromarray(shapes_image(64, 80, 0)))
+    assert not pixels.flags.writeable
+    learned = tiny_model(scoring={"logit_scale": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.detect([pixels, pixels], ["red circle"])
+        learned.logits(torch.randn(3, 32), torch.nn.functional.normalize(torch.randn(2, 32), dim=-1))
