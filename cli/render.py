@@ -20,7 +20,7 @@ class OutputConsole(Console):
     @property
     def size(self) -> ConsoleDimensions:
         size = super().size
-        return size if self.is_terminal else ConsoleDimensions(PIPED_WIDTH, size.height)
+        return size if self.is_terminal or self.is_jupyter else ConsoleDimensions(PIPED_WIDTH, size.height)
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:

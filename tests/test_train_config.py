@@ -121,3 +121,22 @@ def test_resume_takes_the_run_folder_and_refuses_what_is_not_there(staged_yaml, 
         resolve_resume(single, tmp_path)
     with pytest.raises(BadConfig, match="no such file"):
         resolve_resume(single, tmp_path / "missing.pt")
+
+
+def test_a_stage_after_a_gap_starts_from_its_own_predecessor(tiny_shapes, tmp_path):
+    """--stages a,c skips b: c still starts from b's model and learns from b's preset, as in a full run."""
+    from regionclip.train.config import select_stages
+
+    cfg = tiny_config(tiny_shapes, tmp_path)
+    cfg.stages = [{"name": "a"}, {"name": "b"}, {"name": "c", "loss": {"caption_regions": True}}]
+    with pytest.raises(BadConfig, match="output of stage b"):
+        select_stages(cfg, ["c", "a"])
+    (tmp_path / "b").mkdir()
+    for name in ("model.pt", "preset.yaml"):
+        (tmp_path / "b" / name).write_text("")
+    picked = select_stages(cfg, ["c", "a"])
+    assert [s["name"] for s in picked.stages] == ["a", "c"]
+    c = stage_config(picked, 1, previous=tmp_path / "a")  # what the stage loop passes: the stage run before it
+    assert c.model.checkpoint == str(tmp_path / "b" / "model.pt")
+    assert c.pretrain.teacher == str(tmp_path / "b" / "preset.yaml") and c.out_dir == str(tmp_path / "c")
+    assert c.loss.caption_regions and c.optim == cfg.optim
