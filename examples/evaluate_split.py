@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     if args.annotations is None:
-        data = make_shapes(args.out / "data", n_train=0, n_val=args.num_images, seed=0, image_size=(192, 320))
+        data = make_shapes(args.out / "data", n_train=0, n_val=args.num_images, seed=0, image_size=(192, 320),
+                           overwrite=True)  # same seed, same files: a second run rewrites them
         args.annotations, args.images = data["val_annotations"], data["val_images"]
         args.split = args.split or data["split"]
     elif args.images is None or args.split is None:

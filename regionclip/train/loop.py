@@ -31,7 +31,7 @@ from ..eval_dataset import evaluate_model
 from ..evaluate import first_images
 from ..runtime import autocast_for, resolve_device
 from ..weights import register_clip_config
-from .config import TrainConfig, stage_config
+from .config import TrainConfig, resolve_resume, stage_config
 from .feed import Feed
 from .finetune import RegionTextLoss
 from .optim import build_model, optimizer_for, schedule, set_trainable
@@ -275,6 +275,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: P
     outputs and ``progress`` events). ``cfg.stage`` picks what trains (``finetune``: boxes;
     ``clip`` and ``region_pretrain``: see ``stages.py``); a config with ``stages`` runs each in
     turn (``run_stages``)."""
+    resume = resolve_resume(cfg, resume)  # a mistyped path is an error, never a fresh start
     if cfg.stages:
         return run_stages(cfg, resume, progress)
     return Trainer(cfg, resume, progress).run()
