@@ -6,20 +6,14 @@ commands import torch-using library modules inside their functions.
 
 from __future__ import annotations
 
-import os
 import sys
 
-# Before torch loads OpenMP: idle worker threads sleep instead of spinning. Users' machines are
-# not idle, and spinning threads starve the ones doing the work: under load on 2 cores a
-# MobileNetV3-FPN backbone pass took 13.4 s with the default policy and 0.3 s with PASSIVE.
-# An OMP_WAIT_POLICY the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import typer
 
-import typer  # noqa: E402
+# First regionclip import: the package sets OMP_WAIT_POLICY=PASSIVE before anything loads torch.
+from regionclip.errors import RegionClipError
 
-from regionclip.errors import RegionClipError  # noqa: E402
-
-from .bench import bench  # noqa: E402
+from .bench import bench
 from .demo import demo
 from .detect import detect
 from .eval import eval_

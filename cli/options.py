@@ -56,7 +56,8 @@ class Group(TyperGroup):
 
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Preset in configs/models/ (demo, vitb16, rn50, fast, "
-                                                          "regionclip-rn50-coco, ...) or a model YAML path.")]
+                                                          "regionclip-rn50-coco, ...), a model YAML path, a training run's "
+                                                          "output folder (its preset.yaml) or an ONNX export folder.")]
 ClipModel = Annotated[Optional[str], typer.Option(help=f"open_clip architecture, e.g. ViT-B-16, RN50 ({PRESET}).", show_default=False)]
 ClipPretrained = Annotated[Optional[str], typer.Option(help="open_clip pretrained tag (openai, laion2b_...), a local checkpoint path, "
                                                             f"or 'none' for random weights ({PRESET}).", show_default=False)]
@@ -129,6 +130,7 @@ def with_model_flags(text_cache: bool = True) -> Callable[[Callable], Callable]:
         @functools.wraps(command)
         def wrapper(**kwargs):
             flags = ModelFlags(**{n: kwargs.pop(n) for n in names})
+            flags.model = model_source(flags.model)
             return command(**kwargs, flags=flags)
 
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
@@ -139,6 +141,29 @@ def with_model_flags(text_cache: bool = True) -> Callable[[Callable], Callable]:
         return wrapper
 
     return decorate
+
+
+def model_source(spec: str) -> str:
+    """``--model``'s value as the library reads it: a training run's folder becomes its
+    ``preset.yaml``; a preset name, a YAML path or an ONNX export folder stays as given.
+
+    Raises ``BadConfig`` (one line saying what the folder should hold) for any other folder.
+    """
+    from regionclip.config import RUN_PRESET, model_preset_path, run_preset_path
+    from regionclip.onnx.manifest import MANIFEST, is_export_dir
+
+    folder = Path(spec)
+    if model_preset_path(spec) is not None or not folder.is_dir() or is_export_dir(folder):
+        return spec
+    preset = run_preset_path(folder)
+    if preset is not None:
+        return str(preset)
+    if any(folder.glob("last.pt")) or any(folder.glob("*/last.pt")):  # a run, or a staged run's stage
+        raise BadConfig(f"--model {spec}: this training run has not finished: {RUN_PRESET} is written at its end "
+                        f"(continue it with regionclip train CONFIG --resume {spec})")
+    raise BadConfig(f"--model {spec}: this folder holds neither {RUN_PRESET} (what regionclip train writes) nor "
+                    f"{MANIFEST} (what regionclip export writes): pass a training run's output folder, an ONNX "
+                    "export folder, a model YAML or a preset name")
 
 
 _SCORING_FLAGS = {"score_threshold": "--score-threshold", "nms_iou": "--nms-iou", "max_detections": "--max-detections",

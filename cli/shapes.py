@@ -23,6 +23,9 @@ def make_shapes(
         help="The world drawn: 'shapes' (red/green/blue/yellow circles, squares, triangles) or 'alt', a held-out "
              "check (orange/purple/cyan/pink stars, hexagons, crosses; other sizes, busier clutter, half the "
              "objects novel). Choose methods on 'shapes', report on 'alt'.")] = "shapes",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
+        "Write into OUT_DIR even when it holds files (written over, none removed); without it a "
+        "non-empty OUT_DIR is refused."))] = False,
 ) -> None:
     """Generate a small COCO-format detection set of coloured shapes (12 classes) for training and tests.
 
@@ -44,7 +47,8 @@ def make_shapes(
 
     try:
         paths = write_shapes(out_dir, n_train=train, n_val=val, seed=seed, image_size=(min_side, max_side),
-                             progress=report, captions_per_image=captions_per_image, style=style)
+                             progress=report, captions_per_image=captions_per_image, style=style,
+                             overwrite=overwrite)
     finally:
         bar.stop()
     console.print(f"[bold]{train}[/] train and [bold]{val}[/] val images in {out_dir}")

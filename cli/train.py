@@ -7,30 +7,49 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import options as O
-from .render import console, progress
+from regionclip.errors import BadInput
+
+from .render import console, progress, warn
 
 
 def train(
     config: Annotated[Path, typer.Argument(help="Training YAML, e.g. configs/train/shapes_demo.yaml.", show_default=False)],
-    set_: O.Set = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (overrides out_dir in the config).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help=(
+        "Dotted config override, e.g. --set optim.lr=3e-4 (repeatable). In a staged config it changes the "
+        "file's sections, which a stage that sets the same key overrides: --set stages.captions.optim.max_steps=3 "
+        "changes one stage, stages.*.optim.max_steps=3 every stage."), show_default=False)] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help=(
+        "Run only these stages of a staged config, comma-separated (e.g. boxes or boxes,captions). A stage "
+        "whose predecessor does not run starts from that one's finished output in the output folder."),
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help=(
+        "Output folder (overrides out_dir in the config; with --resume, default: the resumed run's folder)."),
+        show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help=(
-        "Continue from a last.pt/best.pt of an earlier run. With a staged config (stages: ...), pass the "
-        "output folder: each stage continues from its own last.pt and finished stages are skipped."))] = None,
+        "Continue an earlier run: pass its output folder (or a last.pt/best.pt). With a staged config each stage "
+        "continues from its own OUT/<stage>/last.pt and finished stages are skipped."), show_default=False)] = None,
 ) -> None:
     """Train region-text matching (and optionally the proposal stage); write checkpoints, metrics and model.pt.
 
     The config's stage is finetune (boxes), clip (image-caption pairs) or region_pretrain (teacher
     pseudo-labelled regions from captions' concepts); a config with a stages list runs them in turn.
+    Relative data paths in the config are read from its folder or the checkout, not the current folder.
 
     The output folder is checked before data or model are built.
     """
     from regionclip.outputs import check_output_dir
     from regionclip.train import load_train_config, train as run_training
+    from regionclip.train.config import resolve_resume
+    from regionclip.train.overrides import unreached_overrides
 
-    cfg = load_train_config(config, set_ or [], out)
+    only = [name.strip() for name in stages.split(",") if name.strip()] if stages is not None else None
+    if only is not None and not only:
+        raise BadInput("--stages needs at least one stage name, e.g. --stages boxes")
+    cfg = load_train_config(config, set_ or [], out, stages=only, resume=resume)
+    resume_from = resolve_resume(cfg, resume)
     check_output_dir(cfg.out_dir, "--out" if out is not None else "out_dir")
+    for line in unreached_overrides(cfg.stages, set_ or []):
+        warn(line)
     bar = progress()
     tasks: dict[str | None, int] = {}
 
@@ -47,12 +66,14 @@ def train(
             return
         if stage not in tasks:  # a staged config: one bar per stage
             tasks[stage] = bar.add_task(prefix or "training", total=event["max_steps"])
+        loss = event["loss"]  # NaN until the first log_every step: the loss is read only there
         bar.update(tasks[stage], completed=event["step"], description=(
-            f"{prefix}loss {event['loss']:.3f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s"))
+            f"{prefix}" + (f"loss {loss:.3f} " if loss == loss else "")
+            + f"lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s"))
 
     try:
-        result = run_training(cfg, resume=resume, progress=report)
+        result = run_training(cfg, resume=resume_from, progress=report)
     finally:
         bar.stop()
     console.print(f"trained {result.step} steps; model and preset in {cfg.out_dir}/ "
-                  f"(regionclip detect --model {cfg.out_dir}/preset.yaml ...)")
+                  f"(regionclip detect --model {cfg.out_dir} ...)")

@@ -9,7 +9,7 @@ base/novel figures average over their own categories only.
 Run (offline, demo model; 8 s of CPU time with the default 8 generated images):
 
     python examples/evaluate_split.py                      # generates a shapes val set in OUT/data
-    python examples/evaluate_split.py --num-images 200     # the README's shapes val set (seed 0, 200 images)
+    python examples/evaluate_split.py --num-images 200     # the shapes val set of docs/demo-model.md (seed 0, 200 images)
     python examples/evaluate_split.py --annotations instances_val2017.json --images val2017/ \\
         --split configs/splits/ovd_coco.yaml --model rn50
 
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     if args.annotations is None:
-        data = make_shapes(args.out / "data", n_train=0, n_val=args.num_images, seed=0, image_size=(192, 320))
+        data = make_shapes(args.out / "data", n_train=0, n_val=args.num_images, seed=0, image_size=(192, 320),
+                           overwrite=True)  # same seed, same files: a second run rewrites them
         args.annotations, args.images = data["val_annotations"], data["val_images"]
         args.split = args.split or data["split"]
     elif args.images is None or args.split is None:

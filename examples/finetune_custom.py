@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     if args.annotations is None:  # the stand-in for your data: a small shapes set in COCO format
-        data = make_shapes(args.out / "data", n_train=args.num_train, n_val=args.num_val, image_size=(128, 192))
+        data = make_shapes(args.out / "data", n_train=args.num_train, n_val=args.num_val, image_size=(128, 192),
+                           overwrite=True)  # same seed, same files: a second run rewrites them
         args.annotations, args.images = data["train_annotations"], data["train_images"]
         args.val_annotations, args.val_images = data["val_annotations"], data["val_images"]
         args.split = args.split or data["split"]

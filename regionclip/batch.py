@@ -57,8 +57,9 @@ class ImageBatch:
     def from_loaded(cls, loaded: Sequence[LoadedImage], device: torch.device | str = "cpu",
                     size_divisible: int = 32) -> ImageBatch:
         """Decoded images -> batch on ``device``; uint8 pixels travel, floats are made there."""
-        tensors = [torch.from_numpy(x.pixels).to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0)
-                   for x in loaded]
+        # A read-only array (np.asarray of a PIL image) is copied: torch warns on wrapping one.
+        tensors = [torch.from_numpy(x.pixels if x.pixels.flags.writeable else x.pixels.copy())
+                   .to(device, non_blocking=True).permute(2, 0, 1).float().div_(255.0) for x in loaded]
         return cls.from_tensors(tensors, [x.original_size for x in loaded], size_divisible)
 
     def images(self) -> list[torch.Tensor]:

@@ -281,5 +281,18 @@ def model_preset_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+# What `regionclip train` writes at the end of a run (OUT/preset.yaml, beside OUT/model.pt).
+RUN_PRESET = "preset.yaml"
+
+
+def run_preset_path(path: str | Path) -> Path | None:
+    """``path/preset.yaml`` when ``path`` is a folder holding one (a finished training run), else None.
+
+    ``--model runs/x`` means the model that run trained, as ``--model runs/x/preset.yaml`` does.
+    """
+    preset = Path(path) / RUN_PRESET
+    return preset if Path(path).is_dir() and preset.is_file() else None
+
+
 def list_model_presets() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))

@@ -202,5 +202,5 @@ def load_image(source: ImageSource) -> np.ndarray:
 
 def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 in [0, 1] on ``device`` (converted there, not on the host)."""
-    t = torch.from_numpy(image).to(device, non_blocking=True)
+    t = torch.from_numpy(image if image.flags.writeable else image.copy()).to(device, non_blocking=True)
     return t.permute(2, 0, 1).float().div_(255.0)

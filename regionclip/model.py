@@ -134,7 +134,7 @@ class RegionCLIPModel(nn.Module):
     def logit_scale(self) -> float:
         if self.cfg.scoring.logit_scale is not None:
             return float(self.cfg.scoring.logit_scale)
-        return float(self.clip.logit_scale.exp().clamp(max=100))
+        return float(self.clip.logit_scale.detach().exp().clamp(max=100))  # a number: no graph to keep
 
     @property
     def input_max_side(self) -> int | None:

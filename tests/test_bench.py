@@ -1,6 +1,8 @@
 """``regionclip.bench`` and ``regionclip bench`` on tiny random models (shape of the result, never speed)."""
 
 import json
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from test_cli import TINY, run
 from regionclip import RegionCLIP
 from regionclip.bench import STAGES, parse_size, run_benchmark
 from regionclip.errors import BadInput
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 KEYS = {"settings", "device", "device_name", "torch", "images_per_s", "batch_ms", "stages_ms",
         "text_encode_ms", "text_prompts_encoded", "boxes_per_image", "gflop_per_image",
@@ -119,3 +123,22 @@ def test_run_benchmark_on_gpu_reports_cuda_memory():
     check_result(r, batch_size=2, num_labels=3)
     assert r["device"].startswith("cuda") and "max_memory_allocated" in r["memory_kind"]
     assert r["peak_memory_mb"] > 0
+
+
+def test_bench_soft_nms_script_keeps_the_same_detections():
+    """``benchmarks/bench_soft_nms.py`` (the measurement behind docs/benchmarks.md) still runs and agrees."""
+    main = runpy.run_path(str(BENCHMARKS / "bench_soft_nms.py"))["main"]
+    result = main(["--proposals", "60", "--labels", "5", "--repeats", "1"])
+    assert result["identical"] and result["pairs"] == 300, result
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_benchmark_scripts_show_their_help(script, monkeypatch, capsys):
+    """Every measurement script parses its arguments and names itself by its new path."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "examples/" not in (BENCHMARKS / script).read_text(), "the scripts moved to benchmarks/"

@@ -275,7 +275,8 @@ def test_missing_or_swapped_graph_is_one_line(exported, tmp_path, capsys):
         OnnxDetector(swapped, verify=False)  # without the digests, the graph's inputs give it away
     code, out, err = run(["detect", str(img), "--model", str(tmp_path), "--labels", "red circle"], capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 4 and len(lines) == 1 and "is not an ONNX export (no manifest.json in it)" in lines[0], err
+    # A folder that is neither an export nor a training run: one line naming what either would hold.
+    assert code == 2 and len(lines) == 1 and "manifest.json" in lines[0] and "preset.yaml" in lines[0], err
 
 
 def test_cli_export_then_detect(demo, tmp_path, capsys):

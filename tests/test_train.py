@@ -61,7 +61,8 @@ def tiny_config(shapes, out, **sections) -> TrainConfig:
                  "split": str(shapes["split"]), "max_side": 64},
         "optim": {"lr": 3e-3, "warmup_steps": 3, "max_steps": 6, "batch_size": 4},
         "loss": {"background_samples": 4, "box_head_samples": 16},
-        "train": {"freeze": ["proposals.detector.backbone.body"], "ckpt_every": 3, "log_every": 3},
+        "train": {"freeze": ["proposals.detector.backbone.body"], "ckpt_every": 3, "log_every": 3,
+                  "num_workers": 0},
         "out_dir": str(out),
     }
     for key, value in sections.items():
@@ -132,14 +133,15 @@ def test_loop_learns(tiny_shapes, tmp_path):
 def test_resume_reproduces_uninterrupted_run(tiny_shapes, tmp_path):
     """6 steps straight vs. interrupted after step 4 (checkpoint at 3, mid-epoch: 4 batches an
     epoch) and resumed: steps 4-6 cross into the next epoch, with flips and proposal sampling
-    drawing from the restored RNG. Losses and every weight equal bit for bit."""
+    drawing from the restored RNG. Losses and every weight equal bit for bit, though the
+    interrupted run decodes in a worker process and the others in the training process."""
     full = train(tiny_config(tiny_shapes, tmp_path / "full"))
 
     def interrupt(event):
         if event.get("step") == 4:
             raise KeyboardInterrupt
 
-    cfg = tiny_config(tiny_shapes, tmp_path / "cut")
+    cfg = tiny_config(tiny_shapes, tmp_path / "cut", train={"num_workers": 1})
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=interrupt)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 3
@@ -154,7 +156,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_shapes, tmp_path):
 def test_sampled_regions_follow_the_iou_rules():
     """GT boxes keep their labels; proposals at IoU >= 0.5 take their box's label, below 0.5 background."""
     from regionclip.train.config import LossConfig
-    from regionclip.train.loop import sample_regions
+    from regionclip.train.sampling import sample_regions
 
     gt = torch.tensor([[10.0, 10, 50, 50], [100, 100, 140, 140]])
     props = torch.tensor([[12.0, 12, 50, 50],  # IoU 0.90 with box 0
@@ -388,21 +390,22 @@ def test_training_samples_by_objectness_probabilities_under_the_regionclip_recip
     """A model whose scoring fuses raw RPN logits (scoring.recipe regionclip) still hands the
     region sampler probabilities in [0, 1] when its proposals do not train (the propose() path):
     its thresholds and rankings read objectness as one, and a raw logit is negative below 0.5."""
-    import regionclip.train.loop as loop
+    import regionclip.train.finetune as finetune
     from regionclip.batch import ImageBatch
+    from regionclip.train.optim import build_model
 
     seen = []
-    real = loop.sample_regions
-    monkeypatch.setattr(loop, "sample_regions", lambda proposals, *a, **k: seen.append(
+    real = finetune.sample_regions
+    monkeypatch.setattr(finetune, "sample_regions", lambda proposals, *a, **k: seen.append(
         torch.cat([o for _, o in proposals])) or real(proposals, *a, **k))
     cfg = tiny_config(tiny_shapes, tmp_path, train={"train_proposals": False},
                       model={"scoring": {"recipe": "regionclip", "background": True, "objectness_weight": 0.5,
                                          "logit_scale": None}})
     torch.manual_seed(0)
-    model = loop._build(cfg.model, cfg.train)
+    model = build_model(cfg.model, cfg.train)
     with torch.no_grad():
         model.proposals.detector.rpn.head.cls_logits.bias.fill_(-2.0)  # an RPN that doubts: logits < 0, sigmoid 0.12
-    step = loop.RegionTextLoss(model, cfg, 1, ["red circle", "green square"])
+    step = finetune.RegionTextLoss(model, cfg, 1, ["red circle", "green square"])
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0]]), "labels": torch.tensor([0])}]
     step(ImageBatch.from_tensors([torch.rand(3, 64, 64)]), targets)
     objectness = torch.cat(seen)
@@ -429,27 +432,144 @@ def test_eval_images_scores_the_same_first_images_every_time(tiny_shapes, tmp_pa
         assert ids == all_ids[:2] and annotated <= set(ids)
 
 
-def test_loader_workers_draw_other_flips_on_each_rank(tiny_shapes, tmp_path):
-    """num_workers > 0: flips are drawn in the workers, seeded from the loader's generator. Two
-    ranks given the same images must not flip them alike (seeded by epoch alone, they did);
-    the same rank and epoch draws the same again (resumable)."""
-    from regionclip.train.loop import _epoch_loader
+def test_feed_flips_depend_on_sample_epoch_and_rank_not_on_workers(tiny_shapes, tmp_path):
+    """A sample's flip is drawn from a seed of (seed, epoch, rank, index): two ranks given the same
+    images do not flip them alike (seeded by the epoch alone, they did), and the same rank and
+    epoch draws the same flips with 0 or 2 workers, so a resume is exact whatever num_workers."""
+    from regionclip.train.feed import Feed
 
     data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], train=True, hflip_prob=0.5)
-    cfg = tiny_config(tiny_shapes, tmp_path, train={"num_workers": 1})
 
     class Same:  # both ranks get the same 16 images, so only the flips can differ
         def set_epoch(self, epoch):
             pass
 
+        def __len__(self):
+            return len(data)
+
         def __iter__(self):
             return iter(range(len(data)))
 
-    def flips(rank: int, epoch: int = 0) -> list[list[float]]:
+    def flips(rank: int, epoch: int = 0, workers: int = 0) -> list[list[float]]:
+        feed = Feed(data, Same(), 4, seed=0, rank=rank, num_workers=workers, device=torch.device("cpu"), epoch=epoch)
         out = []
-        for images, targets in _epoch_loader(data, Same(), epoch, 0, 4, cfg, rank):
+        for _ in range(feed.per_epoch):
+            images, _, _ = feed.next()
+            assert images[0].dtype == torch.float32 and float(images[0].max()) <= 1.0  # made from uint8
             # A flip shows in the first column of pixels (the old last one).
             out += [img[:, :, 0].flatten()[:8].tolist() for img in images]
         return out
 
-    assert flips(0) == flips(0) and flips(0) != flips(1) and flips(0) != flips(0, epoch=1)
+    first = flips(0)
+    assert first == flips(0, workers=2) and first != flips(1) and first != flips(0, epoch=1)
+
+
+def test_feed_keeps_its_workers_across_epochs_and_resumes_mid_epoch(tiny_shapes):
+    """One DataLoader for the run (workers persist across epochs); ``position`` skips the batches
+    an interrupted epoch already trained on."""
+    from torch.utils.data import DistributedSampler
+
+    from regionclip.train.feed import Feed
+
+    data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], train=True)
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    feed = Feed(data, sampler, 4, seed=0, rank=0, num_workers=1, device=torch.device("cpu"))
+    assert feed.loader.persistent_workers
+    ids = [[t["image_id"] for t in feed.next()[1]] for _ in range(feed.per_epoch + 1)]
+    assert (feed.epoch, feed.position) == (1, 1)
+    workers = feed.loader._iterator._workers
+    feed.next()
+    assert feed.loader._iterator._workers is workers  # the same processes in the second epoch
+    later = Feed(data, sampler, 4, seed=0, rank=0, num_workers=0, device=torch.device("cpu"), position=1)
+    assert [t["image_id"] for t in later.next()[1]] == ids[1]
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device on CUDA: reading a value
+    (``item``/``float``/``tolist``: ``_local_scalar_dense``), ``nonzero`` and boolean indexing."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in (args[1] if len(args) > 1 else []) if i is not None)
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") or bool_index:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_region_sampling_waits_for_the_device_a_fixed_number_of_times():
+    """The sampler picks every image's quotas in one pass: the host waits as often for 8 images
+    as for 1 (it waited about four times per image)."""
+    from regionclip.train.config import LossConfig
+    from regionclip.train.sampling import sample_regions
+
+    lc = LossConfig(positive_samples=4, background_samples=4, background_far_samples=2)
+
+    def syncs(n_images: int) -> int:
+        g = torch.Generator().manual_seed(n_images)
+        proposals, targets = [], []
+        for _ in range(n_images):
+            xy = torch.rand(40, 2, generator=g) * 100
+            proposals.append((torch.cat([xy, xy + 10 + torch.rand(40, 2, generator=g) * 40], 1),
+                              torch.rand(40, generator=g)))
+            targets.append({"boxes": proposals[-1][0][:3] + 1, "labels": torch.tensor([0, 1, 2])})
+        with HostSyncs() as mode:
+            boxes, labels, matched = sample_regions(proposals, targets, lc, background=5)
+        assert len(boxes) == n_images and len(labels) == sum(len(b) for b in boxes)
+        return mode.count
+
+    assert syncs(8) == syncs(1) <= 3
+
+
+def test_sampling_quotas_and_uniformity():
+    """Each kind's quota per image is met when there are enough candidates, and the pick is uniform:
+    over many draws every far-background candidate is picked about equally often."""
+    from regionclip.train.config import LossConfig
+    from regionclip.train.sampling import sample_regions
+
+    gt = torch.tensor([[0.0, 0, 40, 40]])
+    far = torch.tensor([[100.0 + 10 * k, 100, 130 + 10 * k, 130] for k in range(6)])
+    near = torch.tensor([[20.0, 20, 60, 60]] * 5)  # IoU 0.14 with the GT box
+    proposals = [(torch.cat([far, near]), torch.full((11,), 0.01))] * 2
+    targets = [{"boxes": gt, "labels": torch.tensor([0])}] * 2
+    lc = LossConfig(positive_samples=0, background_samples=2, background_far_samples=3, background_iou_min=0.1)
+    hits = torch.zeros(6)
+    torch.manual_seed(0)
+    for _ in range(300):
+        boxes, labels, _ = sample_regions(proposals, targets, lc, background=9)
+        assert [len(b) for b in boxes] == [1 + 2 + 3] * 2
+        picked = boxes[0][3:]
+        hits += (picked[:, None, :] == far[None]).all(-1).any(0).float()
+    assert torch.all((hits / 300 - 0.5).abs() < 0.1), hits / 300  # 3 of 6: each about half the time
+
+
+def test_losses_leave_the_device_only_at_log_steps(tiny_shapes, tmp_path, monkeypatch):
+    """The step's loss is read on the host once per ``log_every`` steps, not every step, and every
+    step's loss still reaches ``TrainResult.losses``."""
+    import regionclip.train.loop as loop
+
+    calls = []
+    real = loop._all_mean
+    monkeypatch.setattr(loop, "_all_mean", lambda x, world: calls.append(len(x)) or real(x, world))
+    result = train(tiny_config(tiny_shapes, tmp_path, optim={"max_steps": 4}, train={"log_every": 2}))
+    assert calls == [2, 2] and len(result.losses) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned uint8 batches are for a CUDA device")
+def test_feed_sends_pinned_uint8_and_converts_on_the_device(tiny_shapes):
+    from torch.utils.data import DistributedSampler
+
+    from regionclip.train.feed import Feed
+
+    data = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], train=True)
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=False, drop_last=True)
+    feed = Feed(data, sampler, 4, seed=0, rank=0, num_workers=1, device=torch.device("cuda"))
+    raw, _ = next(iter(feed.loader))
+    assert raw[0].dtype == torch.uint8 and raw[0].is_pinned()
+    images, targets, _ = feed.next()
+    assert images[0].is_cuda and images[0].dtype == torch.float32 and targets[0]["boxes"].is_cuda

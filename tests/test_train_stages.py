@@ -18,7 +18,7 @@ import yaml
 from regionclip.errors import BadAnnotations, BadConfig, BadInput
 from regionclip.train import train
 from regionclip.train.config import load_train_config, stage_config
-from regionclip.train.losses import box_regression_loss, clip_loss, gather_features, pseudo_labels
+from regionclip.train.losses import box_regression_loss, clip_loss, pseudo_labels
 from regionclip.train.state import load_checkpoint
 from test_train import _run_two_ranks, one_thread, tiny_config  # noqa: F401  (fixture re-used)
 
@@ -42,7 +42,7 @@ def _gather_worker(rank: int, world: int, port: int, _cfg, out: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     x = torch.randn(4, 4)[2 * rank:2 * rank + 2]  # this rank's half of the global batch
     feats = F.normalize(ddp(x), dim=-1)
-    loss = clip_loss(gather_features(feats, world), gather_features(feats.roll(1, dims=1), world), 5.0)
+    loss = clip_loss(feats, feats.roll(1, dims=1), 5.0, world)
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": net.weight.grad}, f"{out}/gather{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -255,6 +255,7 @@ def _loose_box_iou(shapes, g: torch.Generator, move) -> tuple[float, float]:
     with torch.no_grad():
         for i in range(len(data)):
             image, target = data[i]
+            image = image.float() / 255  # the dataset's uint8 as the model's [0, 1]
             if len(target["boxes"]):
                 loose = _loose(target["boxes"], g)
                 raw_iou.append(box_iou(loose, target["boxes"]).diagonal())
@@ -265,7 +266,7 @@ def _loose_box_iou(shapes, g: torch.Generator, move) -> tuple[float, float]:
 def test_box_refinement_moves_loose_boxes_onto_their_objects(tiny_shapes, tmp_path, monkeypatch):
     """Trained on loose boxes around the objects as the sampled proposals, the box head brings
     fresh loose boxes (new draws) closer to their objects than they were."""
-    import regionclip.train.loop as loop
+    import regionclip.train.finetune as loop
     from regionclip.batch import ImageBatch
 
     g = torch.Generator().manual_seed(0)
@@ -394,7 +395,7 @@ def test_caption_regions_reach_the_rpn_as_positives_and_ignore_regions(shaped, t
     """loss.proposal_caption_positives / proposal_ignore_captions: the very boxes the teacher
     picks for caption concepts (those the region loss trains on) go to the proposal stage as
     positives and ignore regions; switched off, the proposal stage gets none."""
-    import regionclip.train.loop as loop
+    import regionclip.train.finetune as loop
     from regionclip.proposals import ProposalStage
     from regionclip.train.stages import RegionConceptLoss
 

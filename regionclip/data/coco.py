@@ -11,18 +11,19 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.ops import clip_boxes_to_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from ..errors import BadAnnotations, BadConfig, BadInput
-from ..io import load_image, to_tensor
+from ..io import load_image
 
 Target = dict[str, Any]
-# Boxes under a pixel wide or high after a geometric step are dropped with their labels.
+# torchvision.transforms.v2 moves the boxes with the pixels. Boxes are clamped to the image
+# first; boxes under a pixel wide or high after the geometric steps are dropped with their labels.
+_CLAMP = v2.ClampBoundingBoxes()
 _SANITIZE = v2.SanitizeBoundingBoxes(min_size=1.0)
 
 
@@ -64,8 +65,9 @@ class CocoDetection(Dataset):
 
     ``dataset[i]`` is ``(image, target)``:
 
-    - ``image``: float32 ``(3, H, W)`` RGB in [0, 1] (EXIF orientation applied), resized so the
-      longer side is at most ``max_side`` when given.
+    - ``image``: uint8 ``(3, H, W)`` RGB (EXIF orientation applied), resized so the longer side
+      is at most ``max_side`` when given. uint8 because loaders send it to the device a quarter
+      the bytes of float32; ``to_float`` makes the model's [0, 1] floats there.
     - ``target``: ``{"boxes": (N, 4) float32 xyxy in pixels of the RETURNED image,
       "labels": (N,) int64 indices into ``category_names``, "image_id": int,
       "orig_size": (H, W) of the file, "dropped": boxes lost to the transforms}``. An image
@@ -74,8 +76,9 @@ class CocoDetection(Dataset):
     Crowd annotations and boxes under 1 px wide or high are skipped, in the file and again after
     clipping to the image and resizing (``dropped`` counts the latter); every image is kept, so
     negatives (no boxes) train the detector to stay quiet. With ``train=True`` images are
-    flipped horizontally with probability ``hflip_prob`` (drawn from torch's RNG, so
-    ``torch.manual_seed`` and DataLoader worker seeding control it).
+    flipped horizontally with probability ``hflip_prob``: drawn from torch's RNG for
+    ``dataset[i]``; for ``dataset[(i, seed)]`` (what training's batch sampler yields) from that
+    seed alone, so a sample's augmentation depends on neither the worker that loads it nor a resume.
 
     Args:
         annotations: COCO instances JSON path.
@@ -156,34 +159,33 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Target]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_id, file_name, boxes_np, labels_np = self._records[index]
-        image = to_tensor(load_image(self.images_dir / file_name))  # BadImage names the file
+        # BadImage names the file. HWC -> CHW, still uint8.
+        image = torch.from_numpy(load_image(self.images_dir / file_name)).permute(2, 0, 1).contiguous()
         h, w = image.shape[-2:]
-        boxes = clip_boxes_to_image(torch.from_numpy(boxes_np.copy()), (h, w))
-        labels = torch.from_numpy(labels_np.copy())
-
+        sample = {"image": tv_tensors.Image(image), "labels": torch.from_numpy(labels_np.copy()),
+                  "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes_np.copy()), format="XYXY", canvas_size=(h, w))}
+        sample = _CLAMP(sample)
         if self.max_side is not None and max(h, w) > self.max_side:
             scale = self.max_side / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             # antialias: plain bilinear downsampling aliases thin edges that small boxes depend on.
-            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
-            image = image.clamp_(0.0, 1.0)
-            boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
-
-        if self.train and self.hflip_prob > 0 and torch.rand(()) < self.hflip_prob:
-            width = image.shape[-1]
-            image = image.flip(-1)
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-
+            sample = v2.Resize([max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)(sample)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        if self.train and self.hflip_prob > 0 and torch.rand((), generator=generator) < self.hflip_prob:
+            # v2's functional, with our own coin: v2.RandomHorizontalFlip draws from the global RNG
+            # even at p=1, which would tie the step's sampling to where the batch was decoded.
+            sample = {**sample, "image": TF.horizontal_flip(sample["image"]), "boxes": TF.horizontal_flip(sample["boxes"])}
+        n_boxes = len(sample["boxes"])
         # After every geometric step: a box that clipping or resizing left under a pixel wide
         # (real COCO has boxes partly or wholly outside their image) would make the box
         # regression targets infinite. Counted, so a run's log says what it lost.
-        kept = _SANITIZE({"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:])),
-                          "labels": labels})
-        target: Target = {"boxes": kept["boxes"].as_subclass(torch.Tensor), "labels": kept["labels"],
+        sample = _SANITIZE(sample)
+        image = sample["image"].as_subclass(torch.Tensor)
+        target: Target = {"boxes": sample["boxes"].as_subclass(torch.Tensor), "labels": sample["labels"],
                           "image_id": int(image_id), "orig_size": (int(h), int(w)),
-                          "dropped": len(boxes) - len(kept["boxes"])}
+                          "dropped": n_boxes - len(sample["boxes"])}
         return image, target
 
     @staticmethod
@@ -196,3 +198,9 @@ def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Te
     images = [image for image, _ in batch]
     targets = [target for _, target in batch]
     return images, targets
+
+
+def to_float(images: Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """uint8 ``(3, H, W)`` images (pinned, when a loader pinned them) -> float32 in [0, 1] on
+    ``device``: the bytes cross as uint8 without blocking the host, the conversion runs there."""
+    return [img.to(device, non_blocking=True).float().div_(255.0) for img in images]

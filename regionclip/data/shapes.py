@@ -369,6 +369,7 @@ def make_shapes(
     progress: Callable[[int], None] | None = None,
     captions_per_image: int = 5,
     style: Style | str = "shapes",
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write the shapes data set: JPEGs, COCO annotations, captions and the base/novel split.
 
@@ -387,6 +388,8 @@ def make_shapes(
             instances files are the same whatever this is.
         style: the world drawn (``STYLES``): ``shapes`` (the default, 12 classes) or ``alt``
             (other shapes, colours, sizes and clutter; a held-out check).
+        overwrite: write into ``out_dir`` even when it holds files (they are written over, none
+            are removed); without it a non-empty ``out_dir`` is refused.
 
     Returns:
         Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
@@ -394,8 +397,8 @@ def make_shapes(
         ``train_captions``, ``val_captions``.
 
     Raises:
-        BadInput: counts or sizes out of range. BadOutput: ``out_dir`` cannot be written,
-            found before anything is drawn.
+        BadInput: counts or sizes out of range. BadOutput: ``out_dir`` cannot be written, or
+            is not empty without ``overwrite``; found before anything is drawn.
     """
     lo, hi = int(image_size[0]), int(image_size[1])
     style_name = style if isinstance(style, str) else "custom"
@@ -408,6 +411,10 @@ def make_shapes(
     if captions_per_image < 0:
         raise BadInput(f"captions_per_image must be >= 0 (0 writes no captions), but got {captions_per_image}")
     out = check_output_dir(out_dir, "shapes output folder")  # before any image is drawn
+    # Another set's images and annotations mixed with these would train on a set nobody made.
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise BadOutput(f"shapes output folder {out} is not empty: give a new or empty folder, "
+                        "or write over it (--overwrite; overwrite=True)")
     paths = {
         "train_images": out / "train",
         "val_images": out / "val",

@@ -1,6 +1,16 @@
 """``TrainConfig``: one YAML file describes a training run (model, data, optimiser, loss, schedule).
 
 Every field has a default that suits the shapes demo on a CPU; ``configs/train/*.yaml`` set the rest.
+
+Relative paths in the file: an input (``data.*``, ``model.checkpoint``, a weights file or teacher
+preset) is read from the config file's folder when it is there, else from the project root, the
+nearest folder at or above the config holding ``pyproject.toml`` (the checkout, for the shipped
+configs). Outputs (``out_dir``, ``model.text.cache_dir``), ``--out`` and ``--set`` values stay
+relative to the current folder. Details: ``regionclip.train.overrides``.
+
+A staged file (``stages:``) runs each stage in ``OUT/<name>/``: ``--set stages.NAME.key=value``
+changes one stage's entry, ``select_stages`` runs some of them, and ``resolve_resume`` takes the
+run's output folder (see each).
 """
 
 from __future__ import annotations
@@ -9,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ModelConfig, from_dict, load_config, to_dict
+from ..config import ModelConfig, from_dict, read_yaml, to_dict
 from ..errors import BadConfig
 from ..objectness import OBJECTNESS
+from .overrides import apply_train_overrides, resolve_paths
 
 
 @dataclass
@@ -153,7 +164,9 @@ class RunConfig:
     eval_every: int = 0  # steps between val mAP runs; 0 evaluates only at the end
     eval_images: int | None = None  # the N val images with the lowest ids (same every time); None: all
     log_every: int = 10  # steps between metrics.jsonl lines
-    num_workers: int = 0  # DataLoader workers; resume is bit-exact only with 0 (worker RNG restarts)
+    # DataLoader processes decoding a batch ahead of the step (0: in the training process). Augmentation
+    # is seeded per sample (train/feed.py), so a resume is bit-exact with any number.
+    num_workers: int = 2
 
 
 STAGES = ("clip", "region_pretrain", "finetune")
@@ -182,21 +195,114 @@ class TrainConfig:
     out_dir: str = "runs/train"
 
 
-def load_train_config(path: str | Path, overrides: Sequence[str] = (), out_dir: str | Path | None = None) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: Sequence[str] = (), out_dir: str | Path | None = None,
+                      stages: Sequence[str] | None = None, resume: str | Path | None = None) -> TrainConfig:
     """Read a training YAML, apply dotted ``overrides`` and check what can be checked before building.
+
+    Relative input paths in the file are resolved as the module docstring says. ``out_dir``
+    replaces the file's; without it, ``resume`` (a run's output folder or checkpoint) makes the
+    run continue in that run's folder. ``stages`` (names) runs only those stages of a staged file
+    (``select_stages``).
 
     Raises ``BadConfig`` for unknown keys, wrong types and impossible values, and
     ``BadAnnotations`` (from the data loaders) later for missing or malformed data files.
     """
-    cfg = load_config(TrainConfig, path, overrides)
+    data = apply_train_overrides(resolve_paths(read_yaml(path), path), list(overrides))
+    cfg = from_dict(TrainConfig, data, where=str(path))
     if out_dir is not None:
         cfg.out_dir = str(out_dir)
+    elif resume is not None:
+        cfg.out_dir = str(_resume_run_folder(cfg, resume))
+    if stages:
+        cfg = select_stages(cfg, stages)
     previous = None
     for i in range(len(cfg.stages)):
         # Every stage is checked now, not after the earlier ones have trained for an hour.
         stage = check_train_config(stage_config(cfg, i, previous), f"{path} (stages[{i}])")
         previous = Path(stage.out_dir)
     return check_train_config(cfg, path)
+
+
+def stage_names(cfg: TrainConfig) -> list[str]:
+    return [str(entry.get("name")) for entry in cfg.stages]
+
+
+def select_stages(cfg: TrainConfig, names: Sequence[str]) -> TrainConfig:
+    """``cfg`` running only the stages ``names`` (in the file's order, whatever order they are
+    given in). A stage whose predecessor does not run now starts from that predecessor's output
+    in ``OUT/<name>/`` (its ``model.pt``, and its ``preset.yaml`` as the teacher), which must exist.
+
+    Raises ``BadConfig``: no stages in ``cfg``, a name that is not a stage (naming those there
+    are), or a predecessor's output that is missing.
+    """
+    known = stage_names(cfg)
+    if not known:
+        raise BadConfig("this config has no stages (no stages: list): leave out --stages")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BadConfig(f"unknown stage '{unknown[0]}': this config's stages are {', '.join(known)}")
+    picked, previous = [], None
+    for i, entry in enumerate(cfg.stages):
+        if known[i] in names and i > 0 and known[i - 1] not in names:
+            full = stage_config(cfg, i, previous)
+            needs = [full.model.checkpoint] if entry.get("start", "previous") == "previous" else []
+            if full.pretrain.teacher == str(previous / "preset.yaml"):
+                needs.append(full.pretrain.teacher)
+            missing = [p for p in needs if not Path(p).is_file()]
+            if missing:
+                raise BadConfig(f"stage {known[i]} starts from the output of stage {known[i - 1]}, but {missing[0]} does not "
+                                f"exist: run --stages {known[i - 1]},{known[i]} (or {known[i - 1]} first)")
+            # Spelled out in full, so the stage no longer depends on which stage runs before it.
+            explicit = {k: v for k, v in to_dict(full).items() if k not in ("stages", "out_dir")}
+            picked.append({**explicit, "name": known[i], "start": "scratch"})
+        elif known[i] in names:
+            picked.append(entry)
+        previous = Path(cfg.out_dir) / known[i]
+    data = to_dict(cfg)
+    data["stages"] = picked
+    return from_dict(TrainConfig, data)
+
+
+def _resume_run_folder(cfg: TrainConfig, resume: str | Path) -> Path:
+    """The output folder of the run ``resume`` points into (a folder, a checkpoint in it, or a
+    stage's checkpoint in ``RUN/<stage>/``)."""
+    path = Path(resume)
+    if not path.exists():
+        raise BadConfig(f"resume {resume}: no such file or folder; pass the output folder of an earlier run "
+                        "(or its last.pt)")
+    if path.is_dir():
+        return path
+    return path.parent.parent if cfg.stages and path.parent.name in stage_names(cfg) else path.parent
+
+
+def resolve_resume(cfg: TrainConfig, resume: str | Path | None) -> Path | None:
+    """What ``train(cfg, resume=...)`` continues from. One stage: a checkpoint (``last.pt`` or
+    ``best.pt``; a run's output folder means its ``last.pt``). A staged config: the run's output
+    folder, which must be ``cfg.out_dir`` (a stage's ``RUN/<stage>/last.pt`` means ``RUN``);
+    each stage continues from its own ``last.pt`` and finished stages are skipped.
+
+    Raises ``BadConfig`` (one line) when there is nothing there to continue from: a run never
+    silently starts afresh because a path was mistyped.
+    """
+    if resume is None:
+        return None
+    path, run = Path(resume), _resume_run_folder(cfg, resume)
+    if not cfg.stages:
+        if path.is_dir() and not (path / "last.pt").is_file():
+            raise BadConfig(f"resume {resume}: this folder holds no last.pt; pass the output folder of an earlier "
+                            "run of this config, or one of its checkpoints")
+        return path / "last.pt" if path.is_dir() else path
+    if path.is_file() and run == path.parent:
+        raise BadConfig(f"resume {resume}: a staged config continues a run from its output folder (each stage from "
+                        f"its own last.pt): pass {run}")
+    if run.resolve() != Path(cfg.out_dir).resolve():
+        raise BadConfig(f"resume {resume} continues the run in {run}, but this run writes to {cfg.out_dir}: "
+                        "pass the same folder to --out, or leave --out out")
+    names = stage_names(cfg)
+    if not any((run / name / "last.pt").is_file() for name in names):
+        raise BadConfig(f"resume {resume}: {run} holds no stage checkpoint ({run}/{names[0]}/last.pt, ...): "
+                        "start without --resume")
+    return run
 
 
 def stage_config(cfg: TrainConfig, index: int, previous: Path | None = None) -> TrainConfig:

@@ -1,7 +1,7 @@
 """The losses of the three training stages, as plain functions of embeddings.
 
-- ``clip_loss``: CLIP's symmetric InfoNCE (image->text and text->image cross-entropy over the
-  batch, the matching pair on the diagonal), on features gathered from every DDP rank.
+- ``clip_loss``: CLIP's symmetric InfoNCE (open_clip's ``ClipLoss``), on features gathered from
+  every DDP rank.
 - ``pseudo_labels``: RegionCLIP's region-concept pseudo labels from a teacher's scores.
 - ``distill_loss``: KL from the teacher's soft labels over the concept pool to the student's.
 - ``box_regression_loss``: Fast R-CNN's smooth L1 on class-agnostic box deltas.
@@ -13,28 +13,18 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 
-def gather_features(x: torch.Tensor, world: int) -> torch.Tensor:
-    """(B, D) per rank -> (world * B, D), rank order, gradients flowing back to each rank's part.
-
-    The autograd all-gather sums every rank's gradient of the (identical) global loss into the
-    local part, ``world`` times the single-process gradient; DDP's averaging divides it back, so
-    the update equals one process training on the global batch.
-    """
-    if world == 1:
-        return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()))
-
-
-def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of (N, D) unit image and text embeddings, pair i matching i:
-    the mean of the image->text and text->image cross-entropies at temperature ``1 / scale``."""
-    logits = scale * image @ text.t()
-    target = torch.arange(len(image), device=image.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, world: int = 1) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (open_clip's ``ClipLoss``) over (B, D) unit image and text
+    embeddings, pair i matching i: the mean of the image->text and text->image cross-entropies at
+    temperature ``1 / scale``. With ``world`` > 1 both are gathered from every rank first, with
+    gradients (``gather_with_grad``): each rank's loss is the global batch's, and DDP's averaging
+    of the gradients each rank's part receives equals one process training on the global batch."""
+    rank = dist.get_rank() if world > 1 else 0
+    return ClipLoss(gather_with_grad=world > 1, rank=rank, world_size=world)(image, text, scale)
 
 
 def pseudo_labels(probs: torch.Tensor, counts: Sequence[int], concepts: Sequence[torch.Tensor],
@@ -81,11 +71,16 @@ def box_regression_loss(deltas: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="none").sum(dim=1)
 
 
-def mean_count(n: float, world: int, device: torch.device) -> float:
-    """Mean of ``n`` over the processes, at least 1: losses divide by it so DDP's gradient
-    averaging yields the global mean."""
+def mean_count(n: int | torch.Tensor, world: int, device: torch.device) -> float | torch.Tensor:
+    """Mean of the count ``n`` over the processes, at least 1: losses divide by it so DDP's
+    gradient averaging yields the global mean. A tensor on ``device`` when ``n`` is one or there
+    are several processes: the count is summed there, and reading it back would stall the host
+    every step."""
+    if world == 1 and not isinstance(n, torch.Tensor):
+        return max(1.0, float(n))
+    t = (n.detach().to(device=device, dtype=torch.float32).clone() if isinstance(n, torch.Tensor)
+         else torch.full((), float(n), device=device))  # a fill, not a blocking host copy
     if world > 1:
-        t = torch.tensor([n], dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        n = float(t)
-    return max(1.0, n / world)
+        t = t / world
+    return t.clamp(min=1.0)

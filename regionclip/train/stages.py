@@ -29,7 +29,7 @@ from ..data.captions import captions_path_for
 from ..detector import RegionCLIP
 from ..errors import BadConfig
 from .config import TrainConfig
-from .losses import clip_loss, distill_loss, gather_features, mean_count, pseudo_labels
+from .losses import clip_loss, distill_loss, mean_count, pseudo_labels
 
 
 class Captioned(Dataset):
@@ -49,8 +49,8 @@ class Captioned(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        image, target = self.dataset[index]
+    def __getitem__(self, key):  # an index, or (index, augmentation seed): see CocoDetection
+        image, target = self.dataset[key]
         image_id = target["image_id"]
         return image, {**target, "captions": self.captions[image_id], "concepts": self.concepts[image_id]}
 
@@ -79,7 +79,7 @@ def image_text_loss(model: RegionCLIP, batch, targets, cfg: TrainConfig, world: 
     text = _caption_embeddings(model, targets)
     world = world if cfg.clip.gather else 1
     scale = model.clip.logit_scale.exp().clamp(max=100)
-    return clip_loss(gather_features(image, world), gather_features(text, world), scale)
+    return clip_loss(image, text, scale, world)
 
 
 class ImageTextLoss(nn.Module):
@@ -229,14 +229,15 @@ class RegionConceptLoss(nn.Module):
         scale = m.clip.logit_scale.exp().clamp(max=100)
         student = m.logits(m.embed(batch, boxes), self.concept_embeddings(), background=False, scale=scale)
         keep = labels >= 0
-        n = int(keep.sum())
+        n = keep.sum()  # a tensor: no host sync inside the step
         device = batch.device
-        norm = mean_count(float(n), self.world, device)
+        norm = mean_count(n, self.world, device)
         # Every term is built even when empty, so each rank's graph reaches the same parameters.
-        losses["loss_region_concept"] = pc.contrastive_weight * F.cross_entropy(
-            student[keep], labels[keep], reduction="sum") / norm
+        # Unlabelled proposals (-1) are weighted out rather than indexed out (which would sync).
+        losses["loss_region_concept"] = pc.contrastive_weight * (F.cross_entropy(
+            student, labels.clamp(min=0), reduction="none") * keep).sum() / norm
         losses["loss_distill"] = pc.distill_weight * distill_loss(student, teacher).sum() / mean_count(
-            float(len(student)), self.world, device)
+            len(student), self.world, device)
         if pc.image_text_weight:
             losses["loss_image_text"] = pc.image_text_weight * image_text_loss(m, batch, targets, self.cfg, self.world)
         return losses, n

@@ -1,25 +1,31 @@
-"""Training state on disk: atomic checkpoint writes, RNG capture, the learning-rate schedule."""
+"""Training state on disk: atomic checkpoint writes, RNG capture, restoring the schedule."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..errors import BadConfig
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Multiplier of the base lr at ``step``: linear warm-up from 0, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def restore_schedule(scheduler: LRScheduler, state: dict[str, Any], step: int) -> None:
+    """Load a checkpoint's scheduler state. One written before the schedule became torchvision-
+    style ``SequentialLR(LinearLR, CosineAnnealingLR)`` (a ``LambdaLR``'s state, the same lr
+    curve) is met by stepping the new schedule ``step`` times."""
+    if set(state) >= set(scheduler.state_dict()):
+        scheduler.load_state_dict(state)
+        return
+    with warnings.catch_warnings():  # "step() before optimizer.step()": no optimizer step is due here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            scheduler.step()
 
 
 def rng_state() -> dict[str, Any]:

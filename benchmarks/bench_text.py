@@ -13,7 +13,7 @@ checks that both give the same embeddings, then encodes an LVIS-sized vocabulary
 (tokenising, batching, caching) through ``TextEncoder``. The full path on 1000 labels takes many
 minutes on 2 cores, so by default it runs on a subset and its per-prompt rate is reported.
 
-    python examples/bench_text.py --threads 2
+    python benchmarks/bench_text.py --threads 2
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ before timing in both; one warm-up call each excluded; the median over ``--iters
 the images, each image through torch then onnxruntime). Also checks that both found the same
 detections. Offline; needs ``pip install -e ".[onnx]"``.
 
-    python examples/bench_onnx.py --threads 2                                   # demo + fast
-    python examples/bench_onnx.py --models demo fast vitb16 --images 2 --iters 1  # + the default preset (minutes)
+    python benchmarks/bench_onnx.py --threads 2                                   # demo + fast
+    python benchmarks/bench_onnx.py --models demo fast vitb16 --images 2 --iters 1  # + the default preset (minutes)
 
 Prints a markdown table headed by the CPU's name; ``ORT / torch`` below 1 means onnxruntime is faster.
 """

@@ -10,7 +10,7 @@ Every system gets the same synthetic images, the same number of labels with text
 once before timing, the same warm-up and the same precision (autocast, as regionclip runs).
 The defaults suit a GPU; on a CPU shrink them, e.g.
 
-    python examples/bench_peers.py --device cpu --precision fp32 --batch-size 1 \\
+    python benchmarks/bench_peers.py --device cpu --precision fp32 --batch-size 1 \\
         --image-size 480x640 --proposals 100 --iters 2 --warmup 1
 
 Prints a markdown table (system | img/s | settings) headed by the device's name.

@@ -2,7 +2,7 @@
 (``regionclip-rn50-coco``), 100 detections kept. Times ``select_pairs`` with the picks stopped at
 ``max_detections`` against the full sequential run, and checks that both keep the same boxes.
 
-    python examples/bench_soft_nms.py [--proposals 1000] [--labels 65] [--repeats 3]
+    python benchmarks/bench_soft_nms.py [--proposals 1000] [--labels 65] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ COCO-format set (shapes val by default) with any model:
   proposals) computed in the padded batch and alone, in the model's mode and in pool mode;
 
     regionclip make-shapes data/shapes --train 0 --val 200 --min-side 192 --max-side 320
-    python examples/padding_effect.py --images data/shapes/val --model demo --batch-size 8
+    python benchmarks/padding_effect.py --images data/shapes/val --model demo --batch-size 8
 
 For the effect on AP, compare ``regionclip eval ... --batch-size 1`` with ``--batch-size 8``.
 """

@@ -6,7 +6,7 @@ in a fresh process and prints the detection time and the process's peak RSS. Com
 checkouts in one call gives a before/after ratio from one run:
 
     git worktree add /tmp/before 439e311
-    python examples/bench_large_image.py --tree /tmp/before --tree .
+    python benchmarks/bench_large_image.py --tree /tmp/before --tree .
 """
 
 from __future__ import annotations

@@ -1,0 +1,22 @@
+"""The loading benchmark runs end to end at toy sizes and reports its ratios (the figures come
+from a full run; this only keeps the script working)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loading.py"
+
+
+@pytest.mark.slow
+def test_bench_loading_reports_ratios(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_loading", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--steps", "3", "--warmup", "1", "--images", "8", "--batch-size", "2", "--max-side", "96",
+                      "--workers", "1", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert out["ratio_workers_1"] > 0 and out["ratio_workers_0"] > 0
+    assert (tmp_path / "r.json").is_file() and "model only" in capsys.readouterr().out
