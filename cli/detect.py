@@ -67,12 +67,9 @@ def detect(
                                     top_k=top_k, agnostic_nms=agnostic_nms)
     O.check_positive("--batch-size", batch_size)
     vocab = read_labels(labels, labels_file)
-    if not vocab and annotations is None and flags.model == "demo":
-        from regionclip.data.shapes import CATEGORIES
-
-        vocab = list(CATEGORIES)  # the demo model's own vocabulary, as a preset's default
-        err_console.print(f"labels: the demo model's {len(vocab)} ({', '.join(vocab)})", markup=False)
     export_dir = _onnx_export(flags)
+    if not vocab and annotations is None:
+        vocab = _model_labels(flags, export_dir)  # a model trained on a closed set names its own
     table = Table("image", "label", "score", "box (x1, y1, x2, y2)")
     per_image = Table("image", "size", "detections", "ms (batch mean)")
 
@@ -121,6 +118,20 @@ def detect(
         raise typer.Exit(code=130)
     if summary.failed or summary.problems:
         raise typer.Exit(code=3)
+
+
+def _model_labels(flags: O.ModelFlags, export_dir: Path | None) -> list[str]:
+    """The model's own vocabulary (``labels`` in its preset or export), announced on stderr; [] if none."""
+    if export_dir is not None:
+        from regionclip.onnx.manifest import read_manifest
+
+        names = list(read_manifest(export_dir, verify=False).get("config", {}).get("labels") or [])
+    else:
+        names = list(O.resolve_config(flags).labels)
+    if names:
+        err_console.print(f"labels: the model's own {len(names)} ({', '.join(names)}); --labels to choose others",
+                          markup=False)
+    return names
 
 
 def _onnx_export(flags: O.ModelFlags) -> Path | None:

@@ -154,6 +154,9 @@ class ModelConfig:
     # still come back in original pixels. None: what the stages use (detector / pool max side,
     # twice that in crop mode); 0: never reduce.
     input_max_side: int | None = None
+    # The model's own vocabulary, for `detect` without --labels (a model trained on a closed set,
+    # such as the demo's 12 shapes); empty: labels must be given.
+    labels: list[str] = field(default_factory=list)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
     text: TextConfig = field(default_factory=TextConfig)

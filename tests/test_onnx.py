@@ -294,6 +294,10 @@ def test_cli_export_then_detect(demo, tmp_path, capsys):
     got = json.loads((tmp_path / "d.json").read_text())
     assert [r["label"] for r in got] == [r["label"] for r in want] and len(got) > 0
     assert np.allclose([r["bbox"] for r in got], [r["bbox"] for r in want], atol=0.05)
+    # Without --labels, the export's own vocabulary (the demo preset's labels), announced.
+    code, stdout, err = run(["detect", str(img), "--model", str(out), "--json", str(tmp_path / "own.json")], capsys)
+    assert code == 0 and "the model's own 12" in err, err
+    assert json.loads((tmp_path / "own.json").read_text()) == got
     code, stdout, err = run(["detect", str(img), "--model", str(out), "--labels", "x", "--set", "scoring.top_k=2"],
                             capsys)
     assert code == 2 and "--set does not apply to the ONNX export" in err

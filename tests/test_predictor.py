@@ -205,5 +205,5 @@ def test_demo_without_labels_uses_its_own_names(tmp_path, capsys):
     code, _, err = run(["detect", str(tmp_path / "imgs"), "--model", "demo", "--device", "cpu",
                         "--score-threshold", "0.5", "--json", str(out)], capsys)
     assert code == 0, err
-    assert f"the demo model's 12 ({', '.join(CATEGORIES)})" in err
+    assert f"the model's own 12 ({', '.join(CATEGORIES)})" in err
     assert {r["label"] for r in json.loads(out.read_text())} <= set(CATEGORIES)
