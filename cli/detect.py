@@ -70,10 +70,8 @@ def detect(
     export_dir = _onnx_export(flags)
     if not vocab and annotations is None:
         vocab = _model_labels(flags, export_dir)  # a model trained on a closed set names its own
-    table = Table("image", "label", "score", "box (x1, y1, x2, y2)")
-    per_image = Table("image", "size", "detections", "ms (batch mean)")
 
-    def before_run(summary) -> None:
+    def before_run(summary) -> None:  # every check passed: the last cheap ones, then the warnings
         if export_dir is None:
             from regionclip.config import check_scoring
 
@@ -81,31 +79,18 @@ def detect(
             check_scoring(dataclasses.replace(cfg.scoring, **scoring))  # the preset's and --set scoring.* values too
         for line in summary.warnings + summary.problems:
             warn(line)
-        tasks.append(bar.add_task("detecting", total=summary.images))
+        shown.start(summary.images)
 
     def build():
-        if export_dir is not None:
-            return _onnx_model(export_dir, flags.device, scoring)
-        return O.build_model(flags)
+        return _onnx_model(export_dir, flags.device, scoring) if export_dir is not None else O.build_model(flags)
 
-    tasks: list = []
     with progress(transient=True) as bar:
-        def on_result(p, shown) -> None:
-            bar.advance(tasks[0])
-            if p.error:
-                warn(p.error)
-                return
-            d = p.detections
-            for name, score, box in zip(d.names, d.scores.tolist(), d.boxes_xyxy.tolist()):
-                table.add_row(str(shown), name, f"{score:.3f}", ", ".join(f"{v:.1f}" for v in box))
-            (h, w) = p.original_size
-            per_image.add_row(str(shown), f"{w}x{h}", str(len(d)), f"{p.seconds * 1000:.0f}")
-
+        shown = _Shown(bar)
         summary = detect_files(inputs, vocab, build, annotations=annotations, json_out=json_out, save_dir=save_dir,
                                text_embeddings=text_embeddings, batch_size=batch_size, num_workers=workers,
-                               scoring=scoring, before_run=before_run, on_result=on_result)
-    console.print(table)
-    console.print(per_image)
+                               scoring=scoring, before_run=before_run, on_result=shown.add)
+    console.print(shown.detections)
+    console.print(shown.images)
     console.print(f"{len(summary.records)} detections in {summary.done} image(s)")
     if json_out is not None:
         console.print(f"wrote {json_out}")
@@ -118,6 +103,29 @@ def detect(
         raise typer.Exit(code=130)
     if summary.failed or summary.problems:
         raise typer.Exit(code=3)
+
+
+class _Shown:
+    """The progress bar and the two tables (detections, images), filled as each image finishes."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.task = bar, None
+        self.detections = Table("image", "label", "score", "box (x1, y1, x2, y2)")
+        self.images = Table("image", "size", "detections", "ms (batch mean)")
+
+    def start(self, total: int) -> None:
+        self.task = self.bar.add_task("detecting", total=total)
+
+    def add(self, p, shown: Path) -> None:
+        self.bar.advance(self.task)
+        if p.error:
+            warn(p.error)
+            return
+        d = p.detections
+        for name, score, box in zip(d.names, d.scores.tolist(), d.boxes_xyxy.tolist()):
+            self.detections.add_row(str(shown), name, f"{score:.3f}", ", ".join(f"{v:.1f}" for v in box))
+        (h, w) = p.original_size
+        self.images.add_row(str(shown), f"{w}x{h}", str(len(d)), f"{p.seconds * 1000:.0f}")
 
 
 def _model_labels(flags: O.ModelFlags, export_dir: Path | None) -> list[str]:
