@@ -2,12 +2,9 @@
 
 A run that takes minutes must not fail at the end because ``--json`` names a folder or a
 read-only place. Commands call ``check_output_file``/``check_output_dir`` first, then write
-with ``atomic_write_*``: a temporary file in the target's folder and ``os.replace``, so a
-reader never sees half a file and an interrupted write leaves the old file in place.
-
-Files are created with the permissions a plain ``open(path, "w")`` would give (``0o666``
-minus the umask; ``0644`` under the usual umask 022), not the ``0600`` of ``tempfile``.
-Nothing here imports torch.
+with ``atomic_write_*`` (``regionclip.atomic``, re-exported here): a temporary file in the
+target's folder and ``os.replace``, so a reader never sees half a file and an interrupted write
+leaves the old file in place. Nothing here imports torch.
 """
 
 from __future__ import annotations
