@@ -14,6 +14,7 @@ import typer
 from regionclip.errors import RegionClipError
 
 from .bench import bench
+from .convert import convert
 from .demo import demo
 from .detect import detect
 from .eval import eval_
@@ -39,6 +40,7 @@ app.command("demo", cls=Command)(demo)
 app.command("make-shapes", cls=Command)(make_shapes)
 app.command("import", cls=Command)(import_)
 app.command("export", cls=Command)(export)
+app.command("convert", cls=Command)(convert)
 
 
 @app.callback()

@@ -1,0 +1,35 @@
+"""``regionclip convert``: labelling results into COCO, Label Studio, CVAT or YOLO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .render import console
+
+
+def convert(
+    results: Annotated[Path, typer.Argument(
+        help="A `regionclip detect --json` file or a `regionclip label --out` folder.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="coco | labelstudio | cvat | yolo.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help=(
+        "Where to write: coco a .json file; labelstudio a folder (tasks.json + config.xml); cvat a .zip; "
+        "yolo a dataset folder."), show_default=False)],
+    instances: Annotated[bool, typer.Option("--instances", help=(
+        "coco: a full instances file (images with sizes, categories, annotations) to train on, "
+        "instead of results records."))] = False,
+    min_score: Annotated[Optional[float], typer.Option(help="Keep detections scoring at least this.")] = None,
+    from_name: Annotated[Optional[str], typer.Option(help="labelstudio: the RectangleLabels control's name.")] = None,
+    to_name: Annotated[Optional[str], typer.Option(help="labelstudio: the Image object's name.")] = None,
+    model_version: Annotated[Optional[str], typer.Option(help="labelstudio: predictions' model_version.")] = None,
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="yolo: copy images instead of linking them.")] = False,
+) -> None:
+    """Convert labelling results into another tool's format, one file or folder at --out."""
+    from regionclip.convert import convert as run
+
+    options = {"instances": instances or None, "min_score": min_score, "from_name": from_name,
+               "to_name": to_name, "model_version": model_version, "copy_images": copy_images or None}
+    written = run(results, to, out, **{k: v for k, v in options.items() if v is not None})
+    console.print(f"wrote {written}")
