@@ -25,11 +25,15 @@ def convert(
     to_name: Annotated[Optional[str], typer.Option(help="labelstudio: the Image object's name.")] = None,
     model_version: Annotated[Optional[str], typer.Option(help="labelstudio: predictions' model_version.")] = None,
     copy_images: Annotated[bool, typer.Option("--copy-images", help="yolo: copy images instead of linking them.")] = False,
+    image_prefix: Annotated[Optional[str], typer.Option(help=(
+        "labelstudio: put this before each image path in the tasks' data.image, e.g. "
+        "'/data/local-files/?d=' for Label Studio's local file serving."), show_default=False)] = None,
 ) -> None:
     """Convert labelling results into another tool's format, one file or folder at --out."""
     from regionclip.convert import convert as run
 
     options = {"instances": instances or None, "min_score": min_score, "from_name": from_name,
-               "to_name": to_name, "model_version": model_version, "copy_images": copy_images or None}
+               "to_name": to_name, "model_version": model_version, "copy_images": copy_images or None,
+               "image_prefix": image_prefix}
     written = run(results, to, out, **{k: v for k, v in options.items() if v is not None})
     console.print(f"wrote {written}")
