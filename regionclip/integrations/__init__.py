@@ -1,0 +1,1 @@
+"""Plug-ins for other tools' own extension points (CVAT's auto-annotation functions)."""
