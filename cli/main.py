@@ -22,6 +22,7 @@ from .export import export
 from .importer import import_
 from .options import Command, Group
 from .render import err_console
+from .serve import serve
 from .shapes import make_shapes
 from .train import train
 
@@ -41,6 +42,7 @@ app.command("make-shapes", cls=Command)(make_shapes)
 app.command("import", cls=Command)(import_)
 app.command("export", cls=Command)(export)
 app.command("convert", cls=Command)(convert)
+app.command("serve", cls=Command)(serve)
 
 
 @app.callback()

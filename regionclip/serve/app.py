@@ -1,0 +1,175 @@
+"""The FastAPI app: ``POST /detect`` and Label Studio's ML-backend endpoints over one ``Batcher``.
+
+Every error is a JSON ``{"error": message}`` with a 4xx status (503 when the queue is full),
+and nothing a client sends stops the server: undecodable, truncated, empty and oversized
+uploads, missing or too many labels are refused one request at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+
+from ..convert.labelstudio import prediction
+from ..errors import BadImage, BadInput, RegionClipError
+from ..io import load_image
+from ..labels import check_labels
+from .batcher import Batcher, Busy
+from .labelstudio import ImageFetcher, LabelConfig, TooLarge, parse_label_config, read_file
+
+
+@dataclass
+class Limits:
+    """What one request may ask: ``max_bytes`` per image file, ``max_pixels`` per decoded image
+    (checked from the header, before decoding), ``max_labels`` per vocabulary."""
+
+    max_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    max_labels: int = 256
+    timeout: float = 120.0  # seconds a request waits for its batch
+
+
+def decode(data: bytes, limits: Limits):
+    """Upload bytes -> HxWx3 uint8 RGB; ``BadImage`` for empty, oversized, non-image or truncated data."""
+    if not data:
+        raise BadImage("the upload is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise TooLarge(f"the upload is larger than the server's limit of {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise TooLarge(f"the image is {w}x{h}, more than the server's limit of {limits.max_pixels} pixels")
+            img.load()  # a truncated file fails here, not in the worker
+    except TooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"the upload is not a readable image ({type(exc).__name__})") from None
+    return load_image(img)
+
+
+def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | None = None,
+               allow_paths: bool = False, label_studio_url: str | None = None,
+               label_studio_token: str | None = None, max_batch: int = 8, max_queue: int = 64) -> FastAPI:
+    """The server's app over ``predictor`` (a ``Predictor``); its ``Batcher`` is ``app.state.batcher``."""
+    limits = limits or Limits()
+    batcher = Batcher(predictor, max_batch=max_batch, max_queue=max_queue)
+    fetcher = ImageFetcher(limits.max_bytes, url=label_studio_url, token=label_studio_token, allow_paths=allow_paths)
+    configs: dict[str, LabelConfig] = {}  # Label Studio project id -> its labelling config, from /setup
+    app = FastAPI(title="regionclip", version="1")
+    app.state.batcher, app.state.limits = batcher, limits
+    app.router.add_event_handler("shutdown", batcher.close)
+
+    @app.exception_handler(RegionClipError)
+    def _library_error(request: Request, exc: RegionClipError):
+        status = 503 if isinstance(exc, Busy) else 413 if isinstance(exc, TooLarge) else 400
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    def _bad_request(request: Request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": f"malformed request ({where})"}, status_code=422)
+
+    def labels_of(text: str | None) -> list[str]:
+        names = [s.strip() for s in (text or "").split(",") if s.strip()]
+        if not names:
+            raise BadInput('no labels given: send a form field labels="dog,cat"')
+        if len(names) > limits.max_labels:
+            raise TooLarge(f"{len(names)} labels, more than the server's limit of {limits.max_labels}")
+        return check_labels(list(dict.fromkeys(names)))
+
+    def run(pixels, labels, **scoring):
+        return batcher.submit(pixels, labels, **scoring).result(timeout=limits.timeout)
+
+    @app.post("/detect")
+    def detect(image: Optional[UploadFile] = File(None), path: Optional[str] = Form(None),
+               labels: Optional[str] = Form(None), score_threshold: Optional[float] = Form(None)):
+        """Detections of ``labels`` (comma-separated) in an uploaded ``image`` (or a server-side ``path``
+        when the server allows paths): ``{"width", "height", "detections": [{label, score, box_xyxy}]}``."""
+        names = labels_of(labels)
+        if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+            raise BadInput(f"score_threshold must be in [0, 1], but got {score_threshold}")
+        if image is not None:
+            data = image.file.read(limits.max_bytes + 1)
+        elif path is not None:
+            data = read_file(path, limits.max_bytes) if allow_paths else _no_paths()
+        else:
+            raise BadInput("send an image file in the form field 'image'")
+        pixels = decode(data, limits)
+        d = run(pixels, names, score_threshold=score_threshold)
+        return {"width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "detections": [
+            {"label": n, "score": round(float(s), 5), "box_xyxy": [round(float(v), 2) for v in b]}
+            for n, s, b in zip(d.names, d.scores.tolist(), d.boxes_xyxy.tolist())]}
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return {"status": "UP", "model_class": "regionclip", "model": model_name, "batches": batcher.batches}
+
+    @app.post("/setup")
+    async def setup(request: Request):
+        body = await _json(request)
+        schema = body.get("schema") or body.get("label_config")
+        if schema:
+            config = parse_label_config(schema)
+            labels_of(",".join(config.labels))  # the limit on labels, now rather than on the first task
+            configs[str(body.get("project", "")).split(".")[0]] = config
+        if body.get("hostname") and fetcher.url is None:
+            fetcher.url = str(body["hostname"]).rstrip("/")
+        if body.get("access_token") and fetcher.token is None:
+            fetcher.token = str(body["access_token"])
+        return {"model_version": model_name}
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        body = await _json(request)
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadInput("expected {'tasks': [...], 'label_config': ...} as Label Studio sends")
+        project = str(body.get("project", "")).split(".")[0]
+        config = parse_label_config(body["label_config"]) if body.get("label_config") else configs.get(project)
+        if config is None:
+            raise BadInput("no label config: send label_config, or /setup the project first")
+        labels = labels_of(",".join(config.labels))
+        from starlette.concurrency import run_in_threadpool
+
+        results = [await run_in_threadpool(_one_task, task, config, labels) for task in tasks]
+        return {"results": results, "model_version": model_name}
+
+    def _one_task(task, config: LabelConfig, labels: list[str]) -> dict:
+        """A task's prediction; an image that cannot be had gives an empty one (the others still come)."""
+        try:
+            ref = (task.get("data") or {}).get(config.data_key) if isinstance(task, dict) else None
+            pixels = decode(fetcher.fetch(ref), limits)
+            d = run(pixels, labels)
+        except (BadImage, BadInput):  # TooLarge included
+            return {"result": [], "score": 0.0, "model_version": model_name}
+        h, w = pixels.shape[:2]
+        return prediction(d.boxes_xyxy.numpy(), d.names, d.scores.numpy(), w, h, from_name=config.from_name,
+                          to_name=config.to_name, model_version=model_name)
+
+    return app
+
+
+def _no_paths():
+    raise BadInput("this server does not read paths: upload the file as 'image', or start it with --allow-paths")
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadInput("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadInput("the request body must be a JSON object")
+    return body

@@ -1,0 +1,188 @@
+"""regionclip serve: POST /detect, Label Studio's ML-backend endpoints, limits and malformed
+uploads (FastAPI's TestClient), and the batch queue on its own."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shapes_image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
+pytest.importorskip("httpx", reason="TestClient needs httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from regionclip.convert.labelstudio import config_xml  # noqa: E402
+from regionclip.serve.app import Limits, create_app  # noqa: E402
+from regionclip.serve.batcher import Batcher, Busy  # noqa: E402
+
+LABELS = "red circle,green square"
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from regionclip.predictor import Predictor
+
+    return Predictor.from_pretrained("demo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(demo):
+    app = create_app(demo, model_name="demo", limits=Limits(max_bytes=200_000, max_pixels=1_000_000, max_labels=5))
+    with TestClient(app) as c:
+        yield c
+
+
+def detect(client, data: bytes, labels: str | None = LABELS, **form):
+    return client.post("/detect", files={"image": ("x.png", data, "image/png")},
+                       data={**({"labels": labels} if labels is not None else {}), **form})
+
+
+def test_detect_finds_the_shapes(client):
+    r = detect(client, png(shapes_image(120, 160)))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (160, 120)
+    by_label = {d["label"]: d["box_xyxy"] for d in body["detections"]}
+    x1, y1, x2, y2 = by_label["red circle"]  # drawn at (40, 40), radius 15
+    assert abs((x1 + x2) / 2 - 40) < 6 and abs((y1 + y2) / 2 - 40) < 6
+    x1, y1, x2, y2 = by_label["green square"]  # drawn from (80, 60) to (112, 84)
+    assert abs(x1 - 80) < 6 and abs(y2 - 84) < 6
+    assert all(0 <= d["score"] <= 1 for d in body["detections"])
+
+
+def test_score_threshold_and_text_cache(client):
+    batcher = client.app.state.batcher
+    detect(client, png(shapes_image(120, 160)), labels="blue circle,red circle")
+    encoded = batcher.encoded
+    none = detect(client, png(shapes_image(120, 160)), labels="blue circle,red circle", score_threshold="1.0")
+    assert none.status_code == 200 and none.json()["detections"] == []
+    assert batcher.encoded == encoded  # the same labels again: no new text encoding
+
+
+def truncated() -> bytes:
+    data = png(shapes_image(120, 160))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("data, labels, status, words", [
+    (b"not an image at all", LABELS, 400, "not a readable image"),
+    ("truncated", LABELS, 400, "not a readable image"),
+    (b"", LABELS, 400, "empty"),
+    ("huge-bytes", LABELS, 413, "limit of 200000 bytes"),
+    ("huge-pixels", LABELS, 413, "pixels"),
+    ("ok", None, 400, "no labels"),
+    ("ok", " , ", 400, "no labels"),
+    ("ok", "a,b,c,d,e,f", 413, "6 labels"),
+    ("ok", LABELS + ",x" * 0, 200, ""),
+])
+def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(client, data, labels, status, words):
+    data = {"truncated": truncated(), "huge-bytes": np.random.default_rng(0).bytes(300_000),
+            "huge-pixels": png(np.zeros((2000, 1000, 3), np.uint8)),
+            "ok": png(shapes_image(64, 64))}.get(data, data)
+    r = detect(client, data, labels)
+    assert r.status_code == status, r.text
+    if status != 200:
+        assert words in r.json()["error"]
+    ok = detect(client, png(shapes_image(64, 64)))  # still serving
+    assert ok.status_code == 200
+
+
+def test_no_image_paths_off_and_bad_fields(client, tmp_path):
+    r = client.post("/detect", data={"labels": LABELS})
+    assert r.status_code == 400 and "form field 'image'" in r.json()["error"]
+    (tmp_path / "a.png").write_bytes(png(shapes_image(64, 64)))
+    r = client.post("/detect", data={"labels": LABELS, "path": str(tmp_path / "a.png")})
+    assert r.status_code == 400 and "--allow-paths" in r.json()["error"]
+    r = client.post("/detect", files={"image": ("x.png", png(shapes_image(64, 64)))},
+                    data={"labels": LABELS, "score_threshold": "lots"})
+    assert r.status_code == 422 and "score_threshold" in r.json()["error"]
+
+
+def test_paths_when_allowed(demo, tmp_path):
+    (tmp_path / "a.png").write_bytes(png(shapes_image(120, 160)))
+    with TestClient(create_app(demo, allow_paths=True)) as c:
+        r = c.post("/detect", data={"labels": LABELS, "path": str(tmp_path / "a.png")})
+        assert r.status_code == 200 and {d["label"] for d in r.json()["detections"]} == set(LABELS.split(","))
+        r = c.post("/detect", data={"labels": LABELS, "path": str(tmp_path / "nope.png")})
+        assert r.status_code == 400 and "no such file" in r.json()["error"]
+
+
+def test_label_studio_endpoints(client):
+    assert client.get("/health").json()["status"] == "UP"
+    config = config_xml(["red circle", "green square"], from_name="box", to_name="img")
+    r = client.post("/setup", json={"project": "3.1700000000", "schema": config})
+    assert r.status_code == 200 and r.json() == {"model_version": "demo"}
+    uri = "data:image/png;base64," + base64.b64encode(png(shapes_image(120, 160))).decode()
+    tasks = [{"id": 1, "data": {"image": uri}}, {"id": 2, "data": {"image": "/data/upload/1/x.png"}}]
+    # the project's config from /setup; the second image lives on a Label Studio the server was not told of
+    r = client.post("/predict", json={"tasks": tasks, "project": "3.1700000000"})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["results"]
+    assert second["result"] == []
+    expected = detect(client, png(shapes_image(120, 160))).json()["detections"]
+    assert len(first["result"]) == len(expected) > 0
+    for res, d in zip(first["result"], expected):
+        assert (res["type"], res["from_name"], res["to_name"]) == ("rectanglelabels", "box", "img")
+        assert (res["original_width"], res["original_height"]) == (160, 120)
+        v = res["value"]
+        box = [v["x"] * 1.6, v["y"] * 1.2, (v["x"] + v["width"]) * 1.6, (v["y"] + v["height"]) * 1.2]
+        np.testing.assert_allclose(box, d["box_xyxy"], atol=0.02)
+        assert v["rectanglelabels"] == [d["label"]] and res["score"] == pytest.approx(d["score"], abs=1e-4)
+
+
+def test_label_studio_bad_bodies(client):
+    assert client.post("/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    r = client.post("/predict", json={"tasks": [], "label_config": "<View><Image name='i' value='$image'/></View>"})
+    assert r.status_code == 400 and "RectangleLabels" in r.json()["error"]
+    r = client.post("/predict", json={"tasks": [{"data": {}}], "project": "999"})
+    assert r.status_code == 400 and "/setup" in r.json()["error"]
+
+
+class _Gate:
+    """A predictor stand-in whose first batch waits for ``open``: jobs pile up behind it."""
+
+    def __init__(self):
+        self.entered, self.gate, self.sizes = threading.Event(), threading.Event(), []
+
+    def vocabulary(self, labels):
+        return labels, None
+
+    def stream(self, pixels, labels, **kw):
+        self.sizes.append(len(pixels))
+        self.entered.set()
+        self.gate.wait(10)
+        from regionclip.predictor import Prediction
+
+        return [Prediction(i, i, error="stand-in") for i in range(len(pixels))]
+
+
+def test_waiting_requests_share_a_batch_and_the_queue_is_bounded():
+    fake = _Gate()
+    batcher = Batcher(fake, max_batch=8, max_queue=7, max_wait=0.0)
+    try:
+        first = batcher.submit(np.zeros((4, 4, 3), np.uint8), ["a"])
+        assert fake.entered.wait(10)
+        rest = [batcher.submit(np.zeros((4, 4, 3), np.uint8), ["a"]) for _ in range(6)]
+        other = batcher.submit(np.zeros((4, 4, 3), np.uint8), ["b"])  # another vocabulary: its own batch
+        with pytest.raises(Busy):
+            batcher.submit(np.zeros((4, 4, 3), np.uint8), ["a"])
+        fake.gate.set()
+        for f in [first, *rest, other]:
+            with pytest.raises(Exception, match="stand-in"):
+                f.result(10)
+        assert fake.sizes == [1, 6, 1]
+    finally:
+        fake.gate.set()
+        batcher.close()
