@@ -186,3 +186,48 @@ def test_waiting_requests_share_a_batch_and_the_queue_is_bounded():
     finally:
         fake.gate.set()
         batcher.close()
+
+
+def test_predict_fetches_task_images_from_label_studio_with_the_token(demo):
+    """A task's /data/upload/... URL is fetched from the Label Studio the server was told of,
+    with its token; a URL elsewhere is not fetched at all."""
+    import http.server
+
+    image = png(shapes_image(120, 160))
+    seen = []
+
+    class LabelStudioFiles(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LabelStudioFiles)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with TestClient(create_app(demo, label_studio_url=url, label_studio_token="T0K")) as c:
+            config = config_xml(["red circle", "green square"])
+            tasks = [{"data": {"image": "/data/upload/3/a.png"}}, {"data": {"image": "http://elsewhere.test/b.png"}},
+                     {"data": {"image": url + "/data/upload/3/c.png"}}]
+            r = c.post("/predict", json={"tasks": tasks, "label_config": config})
+    finally:
+        server.shutdown()
+    assert r.status_code == 200, r.text
+    first, elsewhere, third = r.json()["results"]
+    assert seen == [("/data/upload/3/a.png", "Token T0K"), ("/data/upload/3/c.png", "Token T0K")]
+    assert elsewhere["result"] == [] and first["result"] and first["result"] == third["result"]
+    assert {res["value"]["rectanglelabels"][0] for res in first["result"]} == {"red circle", "green square"}
+
+
+def test_serve_cli_checks_its_flags():
+    from regionclip_cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--max-batch", "0"])
+    assert exc.value.code == 2

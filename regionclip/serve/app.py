@@ -143,20 +143,29 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         labels = labels_of(",".join(config.labels))
         from starlette.concurrency import run_in_threadpool
 
-        results = [await run_in_threadpool(_one_task, task, config, labels) for task in tasks]
-        return {"results": results, "model_version": model_name}
+        return {"results": await run_in_threadpool(_tasks, tasks, config, labels), "model_version": model_name}
 
-    def _one_task(task, config: LabelConfig, labels: list[str]) -> dict:
-        """A task's prediction; an image that cannot be had gives an empty one (the others still come)."""
-        try:
-            ref = (task.get("data") or {}).get(config.data_key) if isinstance(task, dict) else None
-            pixels = decode(fetcher.fetch(ref), limits)
-            d = run(pixels, labels)
-        except (BadImage, BadInput):  # TooLarge included
-            return {"result": [], "score": 0.0, "model_version": model_name}
-        h, w = pixels.shape[:2]
-        return prediction(d.boxes_xyxy.numpy(), d.names, d.scores.numpy(), w, h, from_name=config.from_name,
-                          to_name=config.to_name, model_version=model_name)
+    def _tasks(tasks: list, config: LabelConfig, labels: list[str]) -> list[dict]:
+        """One prediction per task, in order. All are queued before any is awaited, so a page of
+        tasks shares batches; a task whose image cannot be had gets an empty prediction."""
+        queued = []
+        for task in tasks:
+            try:
+                ref = (task.get("data") or {}).get(config.data_key) if isinstance(task, dict) else None
+                pixels = decode(fetcher.fetch(ref), limits)
+                queued.append((pixels, batcher.submit(pixels, labels)))
+            except (BadImage, BadInput):  # TooLarge included
+                queued.append((None, None))
+        out = []
+        for pixels, future in queued:
+            if future is None:
+                out.append({"result": [], "score": 0.0, "model_version": model_name})
+                continue
+            d = future.result(timeout=limits.timeout)
+            h, w = pixels.shape[:2]
+            out.append(prediction(d.boxes_xyxy.numpy(), d.names, d.scores.numpy(), w, h, from_name=config.from_name,
+                                  to_name=config.to_name, model_version=model_name))
+        return out
 
     return app
 
