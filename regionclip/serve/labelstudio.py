@@ -13,13 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import urllib.error
-import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput, BadImage
+from ..errors import BadImage, BadInput
 
 
 class TooLarge(BadInput):
