@@ -39,11 +39,7 @@ def test_a_100_megapixel_jpeg_stays_small_in_memory(tmp_path):
     path = tmp_path / "big.jpg"
     _big_jpeg(path, 10000, 10000)
     tests = str(Path(__file__).resolve().parent)
-    # Through sh, which forks the child: a child exec'd straight from this process starts with its
-    # peak RSS (Linux keeps ru_maxrss across fork + exec), and an xdist worker holding a few GB
-    # of other tests' models would fail the limit below without the child using any of it.
-    out = subprocess.run(["sh", "-c", '"$0" "$@"; exit $?', sys.executable, "-c", CHILD, str(path), tests],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), tests], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     # Full-size decoding held 10000 x 10000 x 3 floats (1.2 GB) plus copies: 9.3 GB measured for
