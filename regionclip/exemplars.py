@@ -84,7 +84,8 @@ def compile_vocabulary(vocab: Vocabulary, backend) -> CompiledVocabulary:
         t = text[[row[p] for p in c.text_prompts]] if c.text_prompts else None
         e = torch.stack(ex_emb[k:k + len(c.exemplars)]) if c.exemplars else None
         k += len(c.exemplars)
-        rows.append(combine(t, e))
+        # One prompt alone is used as encoded, so a names-only vocabulary scores as plain labels do.
+        rows.append(t[0] if e is None and len(t) == 1 else combine(t, e))
     rows += [text[row[n]] for n in vocab.negatives]
     emb = torch.stack(rows).float()
     if emb.shape[1] != _embed_dim(backend):

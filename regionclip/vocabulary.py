@@ -247,6 +247,7 @@ class Vocabulary:
                            "dog: {prompts: [dog, puppy], threshold: 0.3}")
         classes = []
         for name, spec in data.items():
+            name = "" if name is None else str(name)
             at = f"{where}: class {name!r}"
             spec = {} if spec is None else spec
             if not isinstance(spec, Mapping):
@@ -262,9 +263,10 @@ class Vocabulary:
             threshold = spec.get("threshold")
             if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
                 raise BadInput(f"{at}: threshold must be a number in [0, 1], but got {threshold!r}")
-            if not str(name).strip() and not prompts and not exemplars:
-                raise BadInput(f"{at}: a class needs a name, prompts or exemplars")
-            classes.append(VocabClass(str(name).strip(), prompts, exemplars, negatives,
+            if not name.strip():
+                raise BadInput(f"{at}: a class needs a name (the label its detections carry)"
+                               + ("" if prompts or exemplars else ", and prompts or exemplars or the name as prompt"))
+            classes.append(VocabClass(name.strip(), prompts, exemplars, negatives,
                                       None if threshold is None else float(threshold)))
         return cls(tuple(classes))
 
@@ -315,8 +317,9 @@ class Vocabulary:
             i = next((k for k, c in enumerate(classes) if c.name == name), None)
             if i is None:
                 classes.append(VocabClass(name, exemplars=(ex,)))
-            else:
-                classes[i] = dataclasses.replace(classes[i], exemplars=classes[i].exemplars + (ex,))
+            else:  # a named class keeps its name as a prompt: --labels cat --exemplar cat=... is text + exemplar
+                c = classes[i]
+                classes[i] = dataclasses.replace(c, prompts=c.text_prompts, exemplars=c.exemplars + (ex,))
         return cls(tuple(classes))
 
     def to_manifest(self) -> dict:
