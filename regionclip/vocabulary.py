@@ -346,7 +346,7 @@ class Vocabulary:
             if c.prompts:
                 entry["prompts"] = list(c.prompts)
             if c.exemplars:
-                entry["exemplars"] = [f"{e.image}:" + ",".join(f"{v:g}" for v in e.box_xyxy) for e in c.exemplars
+                entry["exemplars"] = [f"{Path(e.image).resolve()}:" + ",".join(f"{v:g}" for v in e.box_xyxy) for e in c.exemplars
                                       if e.embedding is None]
             if c.negatives:
                 entry["negatives"] = list(c.negatives)
