@@ -1,9 +1,15 @@
-"""A vocabulary from label embeddings stored in a file: RegionCLIP's concept files or any (N, D) tensor.
+"""Vocabularies: classes as data (a ``--vocab`` file), and label embeddings stored in a file.
 
-The text tower is one source of label embeddings (``text.TextEncoder``); a file written once
-is another (``--text-embeddings``, ``text_embeddings=``): RegionCLIP's ``coco_65_cls_emb.pth``
-holds the 65 OV-COCO names through its 81-template ensemble, un-normalised. Rows are checked
-against the labels (one per label, in order) and the model's embedding width.
+``Vocabulary`` holds classes with prompts (synonyms), exemplars (``IMAGE:x1,y1,x2,y2`` boxes),
+negatives and per-class thresholds, read from YAML (``from_yaml``), a dict, plain labels or a
+command's flags (``resolve``) and checked whole (exemplar boxes against their image's header)
+before any model loads; ``exemplars.compile_vocabulary`` embeds it. docs/vocabulary.md.
+
+Concept files: the text tower is one source of label embeddings (``text.TextEncoder``); a file
+written once is another (``--text-embeddings``, ``text_embeddings=``): RegionCLIP's
+``coco_65_cls_emb.pth`` holds the 65 OV-COCO names through its 81-template ensemble,
+un-normalised. Rows are checked against the labels (one per label, in order) and the model's
+embedding width.
 """
 
 from __future__ import annotations
