@@ -70,12 +70,29 @@ class TorchBackend:
     def embed_exemplars(self, image, boxes_xyxy) -> torch.Tensor:
         """(N, D) unit-norm region embeddings of ``boxes_xyxy`` (N, 4, original pixels) in ``image``
         (any ``io.ImageSource``): the model's ``embed``, as detections' regions are embedded."""
+        return self.embed_exemplar_images([(image, boxes_xyxy)])[0]
+
+    @torch.inference_mode()
+    def embed_exemplar_images(self, items: Sequence, batch_size: int = 8) -> list[torch.Tensor]:
+        """``embed_exemplars`` of many ``(image, boxes_xyxy)`` at once, in batches of images of one
+        size: no padding, so an exemplar's embedding never depends on the images beside it (the
+        cache keys it by its own image and box). One (Ni, D) tensor per item."""
         from .io import load_reduced
 
-        batch = self.batch([load_reduced(image, self.input_max_side)])
+        loaded = [load_reduced(image, self.input_max_side) for image, _ in items]
+        out: list = [None] * len(items)
         m = self.model
-        with m.autocast():
-            return m.embed(batch, [batch.to_batch(0, self.check_boxes(boxes_xyxy))]).float()
+        same: dict = {}
+        for i, x in enumerate(loaded):
+            same.setdefault(x.pixels.shape[:2], []).append(i)
+        for idx in [g[k:k + batch_size] for g in same.values() for k in range(0, len(g), batch_size)]:
+            batch = self.batch([loaded[i] for i in idx])
+            boxes = [batch.to_batch(j, self.check_boxes(items[i][1])) for j, i in enumerate(idx)]
+            with m.autocast():
+                emb = m.embed(batch, boxes).float()
+            for i, e in zip(idx, emb.split([len(b) for b in boxes])):
+                out[i] = e
+        return out
 
     def check_boxes(self, boxes) -> torch.Tensor:
         """(N, 4) xyxy boxes (array, list or tensor) -> float tensor on the device; ``BadInput`` otherwise."""

@@ -115,10 +115,13 @@ def exemplar_embeddings(backend, exemplars: Sequence) -> list[torch.Tensor]:
             continue
         img = key.split(":")[0] if not _is_path(ex.image) else str(ex.image)
         todo.setdefault(img, (ex.image, []))[1].append((i, key, ex.box_xyxy))
-    for image, items in todo.values():
-        boxes = np.asarray([b for _, _, b in items], dtype=np.float32)
-        emb = F.normalize(_torch(backend.embed_exemplars(image, boxes)).float().cpu(), dim=-1)
-        for (i, key, _), e in zip(items, emb):
+    groups = list(todo.values())
+    boxes = [np.asarray([b for _, _, b in items], dtype=np.float32) for _, items in groups]
+    many = getattr(backend, "embed_exemplar_images", None)  # batches images where the backend can
+    embs = many([(image, b) for (image, _), b in zip(groups, boxes)]) if many and groups else [
+        backend.embed_exemplars(image, b) for (image, _), b in zip(groups, boxes)]
+    for (_, items), emb in zip(groups, embs):
+        for (i, key, _), e in zip(items, F.normalize(_torch(emb).float().cpu(), dim=-1)):
             out[i] = memory[key] = e
     if todo and disk is not None:
         disk.save({k: v for k, v in memory.items() if k != "__disk_loaded__"})

@@ -143,6 +143,11 @@ def test_compile_embeds_exemplars_with_the_region_encoder(model, ref):
     torch.testing.assert_close(c.embeddings[3], text[2])
     torch.testing.assert_close(c.embeddings[4], text[3])  # negatives after the classes
     assert c.rules == VocabRules(1, (None, None, None, None))
+    # Exemplars of several images embed in one call, each as it does alone.
+    other = np.ascontiguousarray(shapes_image(120, 160, seed=9))
+    both = model.predictor.backend.embed_exemplar_images([(str(ref), [box]), (other, [box, (0, 0, 50, 40)])])
+    torch.testing.assert_close(both[0][0], region, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], model.encode_regions(other, [box, (0, 0, 50, 40)]).float(), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- scoring
@@ -198,8 +203,8 @@ def test_exemplar_cache_on_disk_is_keyed_by_the_weights(tmp_path, ref, monkeypat
     from regionclip.backend import TorchBackend
 
     calls = []
-    original = TorchBackend.embed_exemplars
-    monkeypatch.setattr(TorchBackend, "embed_exemplars", lambda self, *a: calls.append(1) or original(self, *a))
+    original = TorchBackend.embed_exemplar_images
+    monkeypatch.setattr(TorchBackend, "embed_exemplar_images", lambda self, *a: calls.append(1) or original(self, *a))
     from regionclip.predictor import Predictor
 
     v = Vocabulary.resolve(exemplars=[f"x={ref}:30,20,90,70"])
