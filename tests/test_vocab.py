@@ -77,6 +77,11 @@ def test_resolve_adds_exemplars_to_labels_and_makes_exemplar_only_classes(ref):
     w = Vocabulary.resolve(exemplars={"x": [(str(ref), (0, 0, 10, 10)), emb]})
     assert w.classes[0].exemplars[1].embedding.shape == (32,)
     assert Vocabulary.resolve() is None
+    names = ref.parent / "names.txt"
+    names.write_text("dog\ncat\n")
+    assert Vocabulary.resolve(labels_file=names).names == ["dog", "cat"]
+    with pytest.raises(BadInput, match="give one of"):
+        Vocabulary.resolve(labels=["dog"], vocab={"cat": {}})
     assert Vocabulary.from_labels(["a", "b"]).is_plain
 
 
