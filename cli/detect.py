@@ -53,6 +53,8 @@ def detect(
     batch_size: O.BatchSize = 8,
     workers: Annotated[int, typer.Option(help="Processes decoding images ahead of the model (0: decode in this one).")] = 2,
     text_embeddings: O.TextEmbeddings = None,
+    vocab_file: O.VocabFile = None,
+    exemplar: O.Exemplar = None,
     flags: O.ModelFlags = None,
 ) -> None:
     """Detect objects named by --labels in images; print a table, optionally write JSON and annotated images.
@@ -67,8 +69,9 @@ def detect(
                                     top_k=top_k, agnostic_nms=agnostic_nms)
     O.check_positive("--batch-size", batch_size)
     vocab = read_labels(labels, labels_file)
+    classes = O.resolve_vocab(vocab, vocab_file, exemplar)  # None: plain labels
     export_dir = _onnx_export(flags)
-    if not vocab and annotations is None:
+    if not vocab and annotations is None and classes is None:
         vocab = _model_labels(flags, export_dir)  # a model trained on a closed set names its own
 
     def before_run(summary) -> None:  # every check passed: the last cheap ones, then the warnings
@@ -88,7 +91,7 @@ def detect(
         shown = _Shown(bar)
         summary = detect_files(inputs, vocab, build, annotations=annotations, json_out=json_out, save_dir=save_dir,
                                text_embeddings=text_embeddings, batch_size=batch_size, num_workers=workers,
-                               scoring=scoring, before_run=before_run, on_result=shown.add)
+                               scoring=scoring, before_run=before_run, on_result=shown.add, vocab=classes)
     console.print(shown.detections)
     console.print(shown.images)
     console.print(f"{len(summary.records)} detections in {summary.done} image(s)")

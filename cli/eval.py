@@ -67,6 +67,8 @@ def eval_(
     top_k: Annotated[int, typer.Option(help="Labels kept per box for mAP, at least 1.")] = 3,
     batch_size: O.BatchSize = 8,
     text_embeddings: O.TextEmbeddings = None,
+    vocab_file: O.VocabFile = None,
+    exemplar: O.Exemplar = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.", show_default=False)] = None,
     results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.", show_default=False)] = None,
     flags: O.ModelFlags = None,
@@ -79,12 +81,14 @@ def eval_(
 
     O.check_positive("--top-k", top_k)
     O.check_positive("--batch-size", batch_size)
+    classes = O.resolve_vocab(_vocabulary(vocabulary), vocab_file, exemplar)
     with progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         report = run_eval(annotations, lambda: O.build_model(flags), images=images, results=results, split=split,
                           vocabulary=_vocabulary(vocabulary), proposals=proposals, top_k=top_k, batch_size=batch_size,
                           text_embeddings=text_embeddings, report_out=json_out, results_out=results_out,
-                          progress=lambda n: bar.advance(task, n), total=lambda n: bar.update(task, total=n))
+                          progress=lambda n: bar.advance(task, n), total=lambda n: bar.update(task, total=n),
+                          vocab=classes)
     render(report)
     if json_out is not None:
         console.print(f"wrote {json_out}")

@@ -14,6 +14,7 @@ import typer
 from regionclip.errors import RegionClipError
 
 from .bench import bench
+from .calibrate import calibrate
 from .convert import convert
 from .demo import demo
 from .detect import detect
@@ -42,6 +43,7 @@ app.command("make-shapes", cls=Command)(make_shapes)
 app.command("import", cls=Command)(import_)
 app.command("export", cls=Command)(export)
 app.command("convert", cls=Command)(convert)
+app.command("calibrate", cls=Command)(calibrate)
 app.command("serve", cls=Command)(serve)
 
 

@@ -76,6 +76,25 @@ Set = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted config o
 TextCache = Annotated[Optional[Path], typer.Option(help="Folder for the on-disk text-embedding cache (default: memory only).",
                                                    show_default=False)]
 
+VocabFile = Annotated[Optional[Path], typer.Option("--vocab", help=(
+    "Vocabulary file (YAML): classes with prompts, exemplars IMAGE:x1,y1,x2,y2, negatives and thresholds "
+    "(docs/vocabulary.md)."), show_default=False)]
+Exemplar = Annotated[Optional[list[str]], typer.Option("--exemplar", help=(
+    'An example box of a class, "NAME=IMAGE:x1,y1,x2,y2" (pixels; repeatable); adds to the class of that '
+    "name or makes an exemplar-only one."), show_default=False)]
+
+
+def resolve_vocab(labels: Sequence[str] | None, vocab: Path | None, exemplars: Sequence[str] | None):
+    """The command's ``Vocabulary`` (checked, exemplar headers read) or None for plain labels."""
+    if vocab is None and not exemplars:
+        return None
+    from regionclip.vocabulary import Vocabulary
+
+    if vocab is not None and labels:
+        raise BadInput("give --labels or --vocab, not both")
+    return Vocabulary.resolve(labels=labels or None, vocab=vocab, exemplars=exemplars or ())
+
+
 # Scoring flags: None keeps the preset's value.
 ScoreThreshold = Annotated[Optional[float], typer.Option(
     help=f"Drop detections scoring below this, in [0, 1] {_preset_default(ScoringConfig.score_threshold)}.", show_default=False)]

@@ -29,6 +29,9 @@ from .errors import (
 # name -> module that defines it, imported when the name is first used
 _LAZY = {
     "RegionCLIP": ".detector",
+    "RegionCLIPModel": ".model",
+    "Predictor": ".predictor",
+    "Prediction": ".predictor",
     "Detections": ".detections",
     "ModelConfig": ".config",
     "score_regions": ".scoring",
@@ -44,12 +47,14 @@ if TYPE_CHECKING:
     from .detections import Detections
     from .batch import ImageBatch
     from .detector import RegionCLIP
+    from .model import RegionCLIPModel
+    from .predictor import Prediction, Predictor
     from .onnx import OnnxDetector, export_onnx
     from .scoring import score_regions
     from .visualize import draw_detections, save_annotated
 
 __all__ = [
-    "RegionCLIP", "Detections", "ModelConfig", "ImageBatch", "score_regions", "draw_detections",
+    "RegionCLIP", "RegionCLIPModel", "Predictor", "Prediction", "Detections", "ModelConfig", "ImageBatch", "score_regions", "draw_detections",
     "save_annotated", "OnnxDetector", "export_onnx", "RegionClipError", "BadInput",
     "BadImage", "BadConfig", "BadAnnotations", "BadOutput", "UnknownModel", "WeightsUnavailable",
 ]

@@ -66,6 +66,34 @@ class TorchBackend:
         where = "text embeddings" if isinstance(text_embeddings, torch.Tensor) else f"text embeddings {text_embeddings}"
         return labels, check_concept_embeddings(emb, labels, self.model.regions.embed_dim(), where).to(self.device)
 
+    @torch.inference_mode()
+    def embed_exemplars(self, image, boxes_xyxy) -> torch.Tensor:
+        """(N, D) unit-norm region embeddings of ``boxes_xyxy`` (N, 4, original pixels) in ``image``
+        (any ``io.ImageSource``): the model's ``embed``, as detections' regions are embedded."""
+        return self.embed_exemplar_images([(image, boxes_xyxy)])[0]
+
+    @torch.inference_mode()
+    def embed_exemplar_images(self, items: Sequence, batch_size: int = 8) -> list[torch.Tensor]:
+        """``embed_exemplars`` of many ``(image, boxes_xyxy)`` at once, in batches of images of one
+        size: no padding, so an exemplar's embedding never depends on the images beside it (the
+        cache keys it by its own image and box). One (Ni, D) tensor per item."""
+        from .io import load_reduced
+
+        loaded = [load_reduced(image, self.input_max_side) for image, _ in items]
+        out: list = [None] * len(items)
+        m = self.model
+        same: dict = {}
+        for i, x in enumerate(loaded):
+            same.setdefault(x.pixels.shape[:2], []).append(i)
+        for idx in [g[k:k + batch_size] for g in same.values() for k in range(0, len(g), batch_size)]:
+            batch = self.batch([loaded[i] for i in idx])
+            boxes = [batch.to_batch(j, self.check_boxes(items[i][1])) for j, i in enumerate(idx)]
+            with m.autocast():
+                emb = m.embed(batch, boxes).float()
+            for i, e in zip(idx, emb.split([len(b) for b in boxes])):
+                out[i] = e
+        return out
+
     def check_boxes(self, boxes) -> torch.Tensor:
         """(N, 4) xyxy boxes (array, list or tensor) -> float tensor on the device; ``BadInput`` otherwise."""
         t = torch.as_tensor(np.asarray(boxes, dtype=np.float32) if not isinstance(boxes, torch.Tensor) else boxes)
@@ -82,29 +110,32 @@ class TorchBackend:
     # ----------------------------------------------------------------------------- one batch
     def postprocess(self, batch: ImageBatch, boxes: Sequence[torch.Tensor], objectness: Sequence[torch.Tensor | None],
                     logits: torch.Tensor, labels: Sequence[str], scoring: ScoringConfig | None = None,
-                    filter_boxes: bool = True) -> list[Detections]:
+                    filter_boxes: bool = True, rules=None) -> list[Detections]:
         """Scores, selection and NMS per image; boxes back in original-image pixels.
         ``filter_boxes=False`` keeps every box with its top-k labels (given boxes).
 
         ``scoring.recipe`` default: probabilities fused with objectness, top-k labels per box,
         threshold, NMS (``scoring.probabilities`` + ``select``). regionclip: RegionCLIP's inference,
         ``scoring.regionclip_scores`` (times the raw RPN logit when ``objectness`` holds logits, see
-        ``RegionCLIPModel.propose``) + ``scoring.select_pairs``."""
+        ``RegionCLIPModel.propose``) + ``scoring.select_pairs``. ``rules`` (``exemplars.VocabRules``):
+        ``logits`` hold negative columns after the ``labels``; per-class thresholds."""
         cfg = scoring or self.model.cfg.scoring
+        columns = len(labels) + (rules.num_negatives if rules is not None else 0)
         out = []
         for i, (b, o, lg) in enumerate(zip(boxes, objectness, logits.split([len(b) for b in boxes]))):
             if cfg.recipe == "regionclip":
                 fuse = o if (o is not None and self.model.wants_logits(cfg)) else None
                 probs = regionclip_scores(lg.float().softmax(dim=-1), fuse)
-                d = select_pairs(b, probs, cfg, labels) if filter_boxes else select(b, probs, cfg, labels, False)
+                d = (select_pairs(b, probs, cfg, labels, rules) if filter_boxes
+                     else select(b, probs, cfg, labels, False, rules))
             else:
-                d = select(b, probabilities(lg, len(labels), o, cfg), cfg, labels, filter_boxes)
+                d = select(b, probabilities(lg, columns, o, cfg), cfg, labels, filter_boxes, rules)
             out.append(Detections(batch.to_original(i, d.boxes_xyxy), d.scores, d.label_ids, d.vocabulary))
         return out
 
     def detect_batch(self, batch: ImageBatch, text_emb: torch.Tensor, labels: Sequence[str],
                      scoring: ScoringConfig | None = None, boxes: Sequence[torch.Tensor] | None = None,
-                     proposals_out: list | None = None) -> list[Detections]:
+                     proposals_out: list | None = None, rules=None) -> list[Detections]:
         """The stages over one batch; ``boxes`` (batch pixels) replace the proposals and are
         never refined. ``proposals_out`` (a list) receives each image's proposals as
         ``(boxes_xyxy in original pixels, objectness)``, what ``regionclip.recall`` measures."""
@@ -123,12 +154,13 @@ class TorchBackend:
             if refine:
                 boxes = m.refine(batch, boxes, regions)
             logits = m.logits(regions, text_emb, background=scoring.background)
-        return self.postprocess(batch, boxes, objectness, logits, labels, scoring, filter_boxes=not given)
+        return self.postprocess(batch, boxes, objectness, logits, labels, scoring, filter_boxes=not given, rules=rules)
 
     # ----------------------------------------------------------------------------- one chunk
     def detect_chunk(self, loaded: Sequence[LoadedImage], labels: Sequence[str], text_emb: torch.Tensor,
                      scoring: ScoringConfig, boxes: Sequence[torch.Tensor] | None = None,
-                     proposals: bool = False, batch_size: int | None = None) -> list[tuple[Detections, tuple | None]]:
+                     proposals: bool = False, batch_size: int | None = None,
+                     rules=None) -> list[tuple[Detections, tuple | None]]:
         """Per image of ``loaded``, in order: its ``Detections`` and, with ``proposals``, its
         ``(boxes_xyxy, objectness)`` proposals in original pixels. ``boxes`` (original pixels, on
         the device) replace the proposals. Batches of at most ``batch_size`` (default: all), portrait
@@ -138,7 +170,7 @@ class TorchBackend:
             batch = self.batch([loaded[i] for i in idx])
             given = [batch.to_batch(j, boxes[i]) for j, i in enumerate(idx)] if boxes is not None else None
             found: list | None = [] if proposals and given is None else None
-            dets = self.detect_batch(batch, text_emb, labels, scoring, given, found)
+            dets = self.detect_batch(batch, text_emb, labels, scoring, given, found, rules)
             for k, (i, d) in enumerate(zip(idx, dets)):
                 out[i] = (d, found[k] if found else None)
         return out

@@ -86,10 +86,12 @@ class RegionCLIP(RegionCLIPModel):
             return self.embed(batch, [boxes])
 
     def classify(self, images: Sequence[ImageSource], labels: Sequence[str] | None, boxes: Sequence,
-                 batch_size: int = 8, *, text_embeddings=None) -> list[torch.Tensor]:
+                 batch_size: int = 8, *, text_embeddings=None, vocab=None, exemplars=()) -> list[torch.Tensor]:
         """Per image, the (N, L) probability matrix of its given ``boxes`` (N, 4 xyxy, original
-        pixels) over ``labels``: the GT-box protocol's input. No objectness, no filtering."""
-        return self.predictor.classify(images, labels, boxes, batch_size, text_embeddings=text_embeddings)
+        pixels) over ``labels`` (or the classes of ``vocab`` / ``exemplars``, see ``detect``): the
+        GT-box protocol's input. No objectness, no filtering."""
+        return self.predictor.classify(images, labels, boxes, batch_size, text_embeddings=text_embeddings,
+                                       vocab=vocab, exemplars=exemplars)
 
     def stream(self, sources: Iterable, labels: Sequence[str] | None = None, **kwargs) -> Iterator[Prediction]:
         """``Predictor.stream``: a ``Prediction`` per source, in order, decoded a chunk ahead."""
@@ -110,6 +112,8 @@ class RegionCLIP(RegionCLIPModel):
         batch_size: int = 8,
         num_workers: int = 0,
         proposals_out: list | None = None,
+        vocab=None,
+        exemplars=(),
     ) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
@@ -122,8 +126,13 @@ class RegionCLIP(RegionCLIPModel):
         concept-embedding file, one row per label) replaces encoding ``labels`` (see
         ``vocabulary``). ``proposals_out`` (a list) receives each image's proposals, in input
         order, as ``detect_batch`` gives them. For many inputs, ``stream`` yields as it goes.
+        ``vocab`` (a ``Vocabulary``, YAML path or dict; ``labels`` may be a ``Vocabulary``) gives
+        classes with prompts, exemplars, negatives and thresholds; ``exemplars`` adds examples,
+        ``{name: [(image, (x1, y1, x2, y2)) or a (D,) embedding, ...]}`` or
+        ``["NAME=IMAGE:x1,y1,x2,y2", ...]`` (docs/vocabulary.md).
         """
         return self.predictor.detect(images, labels, boxes, text_embeddings=text_embeddings,
                                      score_threshold=score_threshold, nms_iou=nms_iou,
                                      max_detections=max_detections, top_k=top_k, agnostic_nms=agnostic_nms,
-                                     batch_size=batch_size, num_workers=num_workers, proposals_out=proposals_out)
+                                     batch_size=batch_size, num_workers=num_workers, proposals_out=proposals_out,
+                                     vocab=vocab, exemplars=exemplars)

@@ -67,6 +67,7 @@ def evaluate_model(
     shard: tuple[int, int] = (0, 1),
     gather: Callable[[object], list] | None = None,
     text_embeddings=None,
+    vocab=None,
 ) -> tuple[dict, list[dict]]:
     """Run ``model`` over every image of ``coco`` (a pycocotools COCO) and score it.
 
@@ -77,7 +78,8 @@ def evaluate_model(
     ``shard=(rank, world)`` runs every ``world``-th batch from ``rank``; ``gather`` (e.g. an
     ``all_gather_object``) then collects every process's part, and all score the whole set.
     ``text_embeddings`` (a tensor or concept-embedding file, one row per vocabulary label, in
-    order) replaces encoding the vocabulary (``RegionCLIP.vocabulary``).
+    order) replaces encoding the vocabulary (``RegionCLIP.vocabulary``). ``vocab`` (a
+    ``vocabulary.Vocabulary``) replaces ``vocabulary``: its classes, compiled once.
     """
     if proposals not in ("model", "gt"):
         raise BadInput(f"unknown proposals '{proposals}': use model or gt")
@@ -87,9 +89,12 @@ def evaluate_model(
     if int(batch_size) < 1 or int(workers) < 0 or int(top_k) < 1:
         raise BadInput(f"batch_size and top_k must be at least 1 and workers at least 0, "
                        f"but got {batch_size}, {top_k} and {workers}")
+    if vocab is not None:
+        vocabulary = vocab.names
     labels, ids = vocabulary_for(coco, vocabulary)
     if split is not None:
         check_split(coco, split, labels)  # a wrong split fails now, not after inference
+    named = {"vocab": vocab} if vocab is not None else {"labels": labels}
     if text_embeddings is not None:
         labels, text_embeddings = model.vocabulary(labels, text_embeddings)  # checked now, loaded once
     # RegionCLIP's recipe is scored as RegionCLIP evaluates it (its own threshold, 0.001): ranking
@@ -111,13 +116,14 @@ def evaluate_model(
     paths = [images_dir / coco.imgs[i]["file_name"] for i in ids_run]
     if proposals == "model":
         # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
-        results = predictor.stream(paths, labels, text_embeddings=text_embeddings, batch_size=batch_size,
+        results = predictor.stream(paths, **named, text_embeddings=text_embeddings, batch_size=batch_size,
                                    num_workers=workers, proposals=True, top_k=top_k, score_threshold=threshold,
                                    agnostic_nms=False, max_detections=COCO_MAX_DETECTIONS)
     else:
         gts = {i: gt_boxes(coco, i) for i in ids_run}
-        results = predictor.iter_classify(paths, labels, [gts[i][1] for i in ids_run], text_embeddings=text_embeddings,
-                                          batch_size=batch_size, num_workers=workers)
+        results = predictor.iter_classify(paths, named.get("labels"), [gts[i][1] for i in ids_run],
+                                          text_embeddings=text_embeddings, batch_size=batch_size, num_workers=workers,
+                                          vocab=vocab)
     mismatched: list[str] = []
     for p in results:
         image_id = ids_run[p.index]
@@ -164,6 +170,8 @@ def evaluate_model(
     if recall is not None:
         # Class-agnostic: what the proposal stage hands the region classifier (regionclip/recall.py).
         report["proposal_recall"] = recall.summary()
+    if vocab is not None:
+        report["vocabulary"] = vocab.to_manifest()  # what reproduces the run
     report["settings"] = {
         "model": model.cfg.name, "clip_model": model.cfg.clip_model, "detector": model.cfg.detector,
         "mode": model.cfg.mode, "proposals": proposals, "vocabulary_size": len(labels), "top_k": top_k,
@@ -241,12 +249,13 @@ def run_eval(
     results_out: str | Path | None = None,
     progress: Progress | None = None,
     total: Callable[[int], None] | None = None,
+    vocab=None,
 ) -> dict:
     """``regionclip eval`` as one call: score ``results`` (a COCO results JSON), or run the model
     ``build()`` returns over ``images`` (``evaluate_model``); write ``report_out`` / ``results_out``.
 
     Every argument, output path, the split and the embeddings' count are checked before
-    ``build`` is called. ``total(n)`` is told the number of images before they run.
+    ``build`` is called. ``vocab`` (a checked ``vocabulary.Vocabulary``) replaces ``vocabulary``. ``total(n)`` is told the number of images before they run.
     """
     import json
 
@@ -260,6 +269,10 @@ def run_eval(
         if path is not None:
             check_output_file(path, flag)
     gt = load_ground_truth(annotations)
+    if vocab is not None:
+        if results is not None:
+            raise BadInput("--vocab and --exemplar are for running a model (--images), not for scoring --results")
+        vocabulary = vocab.names
     parts = load_split(split) if split is not None else None
     if parts is not None:
         check_split(gt, parts, vocabulary if results is None else None)
@@ -288,7 +301,7 @@ def run_eval(
             total(len(gt.imgs))
         report, records = evaluate_model(model, gt, images, split=parts, vocabulary=vocabulary, proposals=proposals,
                                          top_k=top_k, batch_size=batch_size, text_embeddings=text_embeddings,
-                                         progress=progress)
+                                         progress=progress, vocab=vocab)
         if results_out is not None:
             atomic_write_json(results_out, records, indent=None)
     if report_out is not None:

@@ -51,6 +51,7 @@ def detect_files(
     scoring: dict | None = None,
     before_run: Callable[[DetectSummary], None] | None = None,
     on_result: Callable[[Prediction, Path], None] | None = None,
+    vocab=None,
 ) -> DetectSummary:
     """Detect ``labels`` in every image of ``inputs``; write ``json_out`` and ``save_dir`` copies.
 
@@ -60,7 +61,8 @@ def detect_files(
     ``before_run(summary)`` is called after the checks, before the model is built (``summary``
     then holds ``problems`` and ``warnings`` to show);
     ``on_result(prediction, shown_path)`` for every image as it finishes (``shown_path``: the
-    path relative to the inputs' common folder). Returns a ``DetectSummary``; the records hold
+    path relative to the inputs' common folder). ``vocab`` (a checked ``vocabulary.Vocabulary``)
+    replaces ``labels``: its classes are the labels. Returns a ``DetectSummary``; the records hold
     ``image`` and ``label`` besides COCO's ids (``Detections.to_records``).
     """
     from .visualize import save_annotated
@@ -74,6 +76,8 @@ def detect_files(
         raise BadImage("no images to process: " + "; ".join(problems))
     targets = annotated_paths(paths, save_dir) if save_dir is not None else None
     summary = DetectSummary(images=len(paths), problems=problems, json_out=Path(json_out) if json_out else None)
+    if vocab is not None:
+        labels = vocab.names
     labels, image_ids, category_ids = _ids(annotations, paths, list(labels), summary.warnings)
     if text_embeddings is not None and not hasattr(text_embeddings, "shape"):
         from .vocabulary import concept_vocabulary
@@ -86,7 +90,8 @@ def detect_files(
     # One chunk leaves nothing to decode ahead of: worker processes would only cost their start.
     workers = num_workers if len(paths) > batch_size else 0
     try:
-        for p in net.stream(paths, labels, text_embeddings=text_embeddings, batch_size=batch_size,
+        named = {"vocab": vocab} if vocab is not None else {"labels": labels}
+        for p in net.stream(paths, **named, text_embeddings=text_embeddings, batch_size=batch_size,
                             num_workers=workers, keep_images=targets is not None, **(scoring or {})):
             if p.error:
                 summary.failed += 1

@@ -164,6 +164,36 @@ class Predictor:
     def encode_text(self, labels: Sequence[str]):
         return self.backend.encode_text(labels)
 
+    def compile(self, vocab, exemplars=()):
+        """A ``Vocabulary`` (or YAML path / dict; ``exemplars`` added as ``Vocabulary.resolve`` does)
+        embedded by this backend: ``exemplars.CompiledVocabulary`` (names, embeddings, rules)."""
+        from .exemplars import compile_vocabulary
+        from .vocabulary import Vocabulary
+
+        v = Vocabulary.resolve(vocab=vocab, exemplars=exemplars) if vocab is not None else \
+            Vocabulary.resolve(exemplars=exemplars)
+        if v is None:
+            raise BadInput("pass a vocabulary or exemplars to compile")
+        return compile_vocabulary(v, self.backend)
+
+    def _vocab(self, labels, text_embeddings, vocab, exemplars):
+        """``(names, embeddings, rules)`` for one call: plain labels / stored embeddings as
+        ``vocabulary``; a ``Vocabulary`` (also as ``labels``) or ``exemplars`` compiled."""
+        from .vocabulary import Vocabulary
+
+        if isinstance(labels, Vocabulary):
+            labels, vocab = None, labels if vocab is None else vocab
+        if vocab is None and not exemplars:
+            return (*self.vocabulary(labels, text_embeddings), None)
+        if text_embeddings is not None:
+            raise BadInput("text_embeddings replace encoding plain labels; with a vocabulary or exemplars "
+                           "give the classes there instead")
+        if vocab is not None and labels is not None:
+            raise BadInput("give labels or a vocabulary, not both")
+        v = Vocabulary.resolve(labels=labels, vocab=vocab, exemplars=exemplars)
+        c = self.compile(v)
+        return c.names, c.embeddings, c.rules
+
     # --------------------------------------------------------------------------------- stream
     def _chunks(self, sources: Iterable, boxes: Iterable | None, batch_size: int | None, num_workers: int | None,
                 window: int | None) -> tuple[Iterator[list[_Item]], int]:
@@ -177,7 +207,7 @@ class Predictor:
     def stream(self, sources: Iterable, labels: Sequence[str] | None = None, *, boxes: Iterable | None = None,
                text_embeddings=None, batch_size: int | None = None, num_workers: int | None = None,
                keep_images: bool = False, proposals: bool = False, window: int | None = None,
-               **scoring) -> Iterator[Prediction]:
+               vocab=None, exemplars=(), **scoring) -> Iterator[Prediction]:
         """Yield a ``Prediction`` per source, in order, as each chunk finishes.
 
         ``labels`` / ``text_embeddings``: the vocabulary (``vocabulary``), resolved once.
@@ -190,25 +220,29 @@ class Predictor:
         that can be repeated in a forked process, such as paths). ``window``: inputs decoded
         and grouped by aspect ratio together (default ``batch_size``: each batch is the next
         ``batch_size`` inputs); a larger window pads less and holds more images in memory.
+        ``vocab`` (a ``vocabulary.Vocabulary``, a YAML path or a dict; ``labels`` may be a
+        ``Vocabulary`` too) and ``exemplars`` (``Vocabulary.resolve``): classes with prompts,
+        exemplars, negatives and thresholds, compiled once here (``compile``).
         """
         cfg = self.scoring_config(**scoring)
-        labels, text_emb = self.vocabulary(labels, text_embeddings)
+        labels, text_emb, rules = self._vocab(labels, text_embeddings, vocab, exemplars)
         chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window)  # checks the counts now
-        return self._stream(chunks, size, labels, text_emb, cfg, boxes is not None, keep_images, proposals)
+        return self._stream(chunks, size, labels, text_emb, cfg, boxes is not None, keep_images, proposals, rules)
 
     # A decorated generator runs each step in inference mode and leaves the caller's mode alone
     # between items (a `with` inside the generator would leak it to the consumer's loop body).
     @torch.inference_mode()
     def _stream(self, chunks, size: int, labels, text_emb, cfg, given: bool, keep_images: bool,
-                proposals: bool) -> Iterator[Prediction]:
+                proposals: bool, rules=None) -> Iterator[Prediction]:
         for items in chunks:
             good = [it for it in items if it.error is None]
             results, share = [], 0.0
             if good:
                 start = time.perf_counter()
                 boxes = [self._boxes(it.boxes) for it in good] if given else None
+                extra = {"rules": rules} if rules is not None else {}  # backends of before take no rules
                 results = self.backend.detect_chunk([it.loaded for it in good], labels, text_emb, cfg,
-                                                    boxes, proposals, size)
+                                                    boxes, proposals, size, **extra)
                 share = (time.perf_counter() - start) / len(good)
             done = iter(results)
             for it in items:
@@ -234,10 +268,12 @@ class Predictor:
 
     def iter_classify(self, sources: Iterable, labels: Sequence[str] | None, boxes: Iterable, *,
                       text_embeddings=None, batch_size: int | None = None,
-                      num_workers: int | None = None, window: int | None = None) -> Iterator[Prediction]:
+                      num_workers: int | None = None, window: int | None = None,
+                      vocab=None, exemplars=()) -> Iterator[Prediction]:
         """Per source, a ``Prediction`` whose ``probabilities`` are the (N, L) matrix of its
-        given ``boxes`` (N, 4 xyxy, original pixels) over ``labels``: the GT-box protocol's input."""
-        labels, text_emb = self.vocabulary(labels, text_embeddings)
+        given ``boxes`` (N, 4 xyxy, original pixels) over ``labels``: the GT-box protocol's input.
+        With ``vocab`` / ``exemplars`` the columns are its classes (negatives share the softmax)."""
+        labels, text_emb, _ = self._vocab(labels, text_embeddings, vocab, exemplars)
         chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window)
         return self._classify(chunks, size, labels, text_emb)
 
@@ -258,7 +294,7 @@ class Predictor:
     def detect(self, images, labels: Sequence[str] | None = None, boxes=None, *, text_embeddings=None,
                batch_size: int | None = None, num_workers: int | None = None,
                proposals_out: list | None = None, window: int | None = LIST_WINDOW,
-               **scoring) -> Detections | list[Detections]:
+               vocab=None, exemplars=(), **scoring) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
         ``boxes`` (N, 4 xyxy pixels, or a list of them for a list of images) skips the proposal
@@ -276,7 +312,7 @@ class Predictor:
         out, found = [], []
         for p in self.stream(items, labels, boxes=boxes, text_embeddings=text_embeddings, batch_size=batch_size,
                              num_workers=num_workers, proposals=proposals_out is not None and boxes is None,
-                             window=window, **scoring):
+                             window=window, vocab=vocab, exemplars=exemplars, **scoring):
             if p.error is not None:
                 raise BadImage(p.error)
             out.append(p.detections)
@@ -287,11 +323,12 @@ class Predictor:
 
     def classify(self, images: Sequence, labels: Sequence[str] | None, boxes: Sequence, batch_size: int | None = None,
                  *, text_embeddings=None, num_workers: int | None = None,
-                 window: int | None = LIST_WINDOW) -> list[torch.Tensor]:
+                 window: int | None = LIST_WINDOW, vocab=None, exemplars=()) -> list[torch.Tensor]:
         """Per image, the (N, L) probability matrix of its given ``boxes`` (``iter_classify``)."""
         out = []
         for p in self.iter_classify(list(images), labels, list(boxes), text_embeddings=text_embeddings,
-                                    batch_size=batch_size, num_workers=num_workers, window=window):
+                                    batch_size=batch_size, num_workers=num_workers, window=window,
+                                    vocab=vocab, exemplars=exemplars):
             if p.error is not None:
                 raise BadImage(p.error)
             out.append(p.probabilities)

@@ -59,17 +59,43 @@ def probabilities(logits: torch.Tensor, num_labels: int, objectness: torch.Tenso
     return probs
 
 
+def drop_negatives(probs: torch.Tensor, num_negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C + M) scores whose last ``num_negatives`` columns are negatives -> ``(keep (N,) bool,
+    (N, C) class scores)``: a box whose best column is a negative is not kept."""
+    if num_negatives <= 0:
+        return torch.ones(len(probs), dtype=torch.bool, device=probs.device), probs
+    classes = probs.shape[1] - num_negatives
+    return probs.argmax(dim=1) < classes, probs[:, :classes]
+
+
+def class_thresholds(rules, default: float, num_classes: int, like: torch.Tensor) -> torch.Tensor | float:
+    """The score threshold per class (C,) on ``like``'s device (``rules.thresholds``, the global
+    ``default`` where unset), or the plain ``default`` without rules."""
+    if rules is None:
+        return default
+    return torch.tensor(rules.threshold_list(default, num_classes), dtype=torch.float32, device=like.device)
+
+
 def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vocabulary: Sequence[str],
-           filter_boxes: bool = True) -> Detections:
+           filter_boxes: bool = True, rules=None) -> Detections:
     """Each box's top-k labels; with ``filter_boxes`` the score threshold, per-label NMS, the
     class-agnostic NMS (``cfg.agnostic_nms``) and ``max_detections``. Without it every box
-    comes back with its k labels, in input order. Stays on the tensors' device."""
+    comes back with its k labels, in input order. Stays on the tensors' device.
+
+    ``rules`` (``exemplars.VocabRules``): ``probs`` has negative columns after the classes; with
+    ``filter_boxes`` a box whose best match is a negative is dropped (given boxes only lose the
+    columns), and each class is held to its own threshold."""
+    if rules is not None:
+        keep, probs = drop_negatives(probs, rules.num_negatives)
+        if filter_boxes:
+            boxes_xyxy, probs = boxes_xyxy[keep], probs[keep]
     k = max(1, min(cfg.top_k, probs.shape[1]))
     scores, label_ids = probs.topk(k, dim=1)
     boxes = boxes_xyxy.float()[:, None].expand(-1, k, 4).reshape(-1, 4)
     scores, label_ids = scores.reshape(-1), label_ids.reshape(-1)
     if filter_boxes:
-        keep = scores >= cfg.score_threshold
+        thr = class_thresholds(rules, cfg.score_threshold, probs.shape[1], scores)
+        keep = scores >= (thr[label_ids] if rules is not None else thr)
         boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
         keep = batched_nms(boxes, scores, label_ids, cfg.nms_iou)
         if cfg.agnostic_nms:
@@ -80,13 +106,18 @@ def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vo
 
 
 def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringConfig,
-                 vocabulary: Sequence[str]) -> Detections:
+                 vocabulary: Sequence[str], rules=None) -> Detections:
     """RegionCLIP's selection (``fast_rcnn_inference_single_image``): (N, 4) xyxy boxes, one per
     row for every label (class-agnostic), and (N, L) scores -> every (box, label) pair scoring
     above ``cfg.score_threshold``, per-label NMS at ``cfg.nms_iou`` (``batched_soft_nms`` with
     ``cfg.soft_nms``, its rescored values then the scores), the best ``cfg.max_detections``, then
-    empty boxes dropped (detectron2's ``detector_postprocess``). Stays on the tensors' device."""
-    rows, label_ids = torch.nonzero(scores > cfg.score_threshold, as_tuple=True)
+    empty boxes dropped (detectron2's ``detector_postprocess``). Stays on the tensors' device.
+    ``rules``: negatives and per-class thresholds, as in ``select``."""
+    if rules is not None:
+        keep, scores = drop_negatives(scores, rules.num_negatives)
+        boxes_xyxy, scores = boxes_xyxy[keep], scores[keep]
+    thr = class_thresholds(rules, cfg.score_threshold, scores.shape[1], scores)
+    rows, label_ids = torch.nonzero(scores > thr, as_tuple=True)
     boxes, kept = boxes_xyxy.float()[rows], scores.float()[rows, label_ids]
     if cfg.soft_nms:
         keep, kept = batched_soft_nms(boxes, kept, label_ids, max_picks=cfg.max_detections)

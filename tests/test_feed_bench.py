@@ -16,7 +16,7 @@ def test_bench_loading_reports_ratios(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_loading", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--steps", "3", "--warmup", "1", "--images", "8", "--batch-size", "2", "--max-side", "96",
+    out = bench.main(["--steps", "2", "--warmup", "0", "--images", "4", "--batch-size", "2", "--max-side", "64",
                       "--workers", "1", "--repeats", "1", "--json", str(tmp_path / "r.json")])
     assert out["ratio_workers_1"] > 0 and out["ratio_workers_0"] > 0
     assert (tmp_path / "r.json").is_file() and "model only" in capsys.readouterr().out

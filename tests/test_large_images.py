@@ -10,8 +10,10 @@ from PIL import Image, ImageDraw
 
 from regionclip.io import load_reduced
 
+# The peak is VmHWM, this process's own: ru_maxrss carries the parent's peak across vfork + exec,
+# so it read the pytest worker's high-water mark (whatever tests ran before in it), not detect's.
 CHILD = r"""
-import json, resource, sys
+import json, re, sys
 sys.path.insert(0, sys.argv[2])
 from conftest import tiny_model
 model = tiny_model("vit", "crop")
@@ -19,7 +21,7 @@ given = [[100.0, 200.0, 5000.0, 6000.0], [0.0, 0.0, 10000.0, 8000.0]]
 dets = model.detect(sys.argv[1], ["red circle", "green square"], score_threshold=0.0)
 classified = model.detect(sys.argv[1], ["red circle", "green square"], boxes=given)
 print(json.dumps({
-    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "max_rss_mb": int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024,
     "input_max_side": model.input_max_side,
     "boxes": dets.boxes_xyxy.tolist(),
     "given": classified.boxes_xyxy.tolist(),

@@ -174,6 +174,19 @@ class OnnxDetector:
             outs = self._run("regions", {"image": ops.pad_to(x, r["stride"])[None], "boxes": boxes * scale})
         return outs[0], (outs[1] if self.refines_boxes else None)
 
+    def embed_exemplars(self, image, boxes_xyxy) -> np.ndarray:
+        """(N, D) unit-norm embeddings of ``boxes_xyxy`` (N, 4, original pixels) in ``image`` (a path
+        or any ``io.ImageSource``) through the exported region graph, as detections' regions are:
+        a new example image needs no new export."""
+        from ..io import load_reduced
+
+        loaded = load_reduced(image, self.input_max_side)
+        h, w = loaded.pixels.shape[:2]
+        oh, ow = loaded.original_size
+        scale = np.array([w / ow, h / oh, w / ow, h / oh], dtype=F32)
+        x = np.ascontiguousarray(loaded.pixels.transpose(2, 0, 1)).astype(F32) / F32(255)
+        return self.embed(x, np.asarray(boxes_xyxy, dtype=F32).reshape(-1, 4) * scale)
+
     def refine(self, boxes: np.ndarray, deltas: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Stage 2b (``RegionCLIP.refine``): (N, 4) xyxy boxes moved by their (N, 4) box-head
         ``deltas`` (``BoxCoder.decode_single``, size deltas clamped) and clipped to ``size`` (h, w)."""
@@ -252,10 +265,19 @@ class OnnxDetector:
         return self._run("scoring", {"regions": regions.astype(F32), "text": text.astype(F32)})[1]
 
     def postprocess(self, boxes: np.ndarray, objectness: np.ndarray | None, probs: np.ndarray,
-                    scoring: ScoringConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    scoring: ScoringConfig, rules=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stage 4 (``scoring.probabilities`` fusion + ``scoring.select``): per box its top-k labels,
         score threshold, per-label NMS, the label-blind NMS when on, ``max_detections``.
-        Returns ``(boxes_xyxy (K, 4), scores (K,), label_ids (K,) int64)``, best first."""
+        Returns ``(boxes_xyxy (K, 4), scores (K,), label_ids (K,) int64)``, best first.
+        ``rules`` (``exemplars.VocabRules``), as ``scoring.select``: a box whose best column is one
+        of the last ``num_negatives`` is dropped; each class has its own threshold."""
+        thr = F32(scoring.score_threshold)
+        if rules is not None:
+            classes = probs.shape[1] - rules.num_negatives
+            keep = probs.argmax(axis=1) < classes
+            boxes, probs = boxes[keep], probs[keep, :classes]
+            objectness = objectness[keep] if objectness is not None else None
+            thr = np.asarray(rules.threshold_list(scoring.score_threshold, classes), dtype=F32)
         w = scoring.objectness_weight
         if objectness is not None and w > 0:
             probs = probs ** (1 - w) * np.maximum(objectness, F32(0))[:, None] ** w
@@ -264,7 +286,7 @@ class OnnxDetector:
         scores = np.take_along_axis(probs, label_ids, axis=1).reshape(-1)
         label_ids = label_ids.reshape(-1)
         boxes = np.repeat(boxes, k, axis=0)
-        keep = np.nonzero(scores >= scoring.score_threshold)[0]
+        keep = np.nonzero(scores >= (thr[label_ids] if thr.ndim else thr))[0]
         boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
         keep = ops.batched_nms(boxes, scores, label_ids, scoring.nms_iou)
         if scoring.agnostic_nms:
@@ -274,10 +296,12 @@ class OnnxDetector:
 
     # ----------------------------------------------------------------------------- entry points
     def predict(self, pixels: np.ndarray, labels: Sequence[str] | None = None, *, text_embeddings=None,
-                original_size: tuple[int, int] | None = None, **scoring) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                original_size: tuple[int, int] | None = None, rules=None,
+                **scoring) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One HxWx3 uint8 RGB image -> ``(boxes_xyxy (K, 4), scores (K,), label_ids (K,))`` numpy
         arrays, boxes in pixels of the image (of ``original_size`` (h, w) when ``pixels`` is a
-        reduced copy). Scoring keywords as ``detect``. Never imports torch."""
+        reduced copy). Scoring keywords as ``detect``; ``rules`` for a compiled vocabulary's
+        ``text_embeddings`` (classes, then negatives; ``Predictor.compile``). Never imports torch."""
         pixels = _reduce(_check_pixels(pixels), self.input_max_side)
         cfg = self.scoring_config(**scoring)
         labels, text = self.vocabulary(labels, text_embeddings)
@@ -289,7 +313,7 @@ class OnnxDetector:
             # embeddings (no second embedding of the moved boxes) and objectness.
             boxes = self.refine(boxes, deltas, image.shape[1:])
         probs = self.probabilities(regions, text)
-        boxes, scores, ids = self.postprocess(boxes, objectness, probs, cfg)
+        boxes, scores, ids = self.postprocess(boxes, objectness, probs, cfg, rules)
         oh, ow = original_size or pixels.shape[:2]
         h, w = pixels.shape[:2]
         if (oh, ow) != (h, w):
@@ -299,7 +323,7 @@ class OnnxDetector:
 
     # ----------------------------------------------------------------- the predictor backend
     def detect_chunk(self, loaded: Sequence, labels: Sequence[str], text: np.ndarray, scoring: ScoringConfig,
-                     boxes=None, proposals: bool = False, batch_size: int | None = None) -> list:
+                     boxes=None, proposals: bool = False, batch_size: int | None = None, rules=None) -> list:
         """``Predictor``'s backend call: per decoded image (``LoadedImage``), ``(Detections, None)``.
         Images run one at a time (``batch_size`` is for the torch backend); given boxes and
         proposal outputs are not supported."""
@@ -312,8 +336,9 @@ class OnnxDetector:
                            "RegionCLIP.from_pretrained(...).detect(images, labels, boxes)")
         out = []
         for x in loaded:
-            b, s, ids = self.predict(x.pixels, labels, text_embeddings=text, original_size=x.original_size,
-                                     **dataclasses.asdict(scoring))
+            names = list(labels) + [f"negative {i}" for i in range(rules.num_negatives if rules else 0)]
+            b, s, ids = self.predict(x.pixels, names, text_embeddings=text, original_size=x.original_size,
+                                     rules=rules, **dataclasses.asdict(scoring))
             out.append((Detections(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(ids), tuple(labels)),
                         None))
         return out

@@ -21,6 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from ..atomic import atomic_torch_save
 from ..batch import ImageBatch
 from ..box_head import BoxRefiner
 from ..config import dump_config, to_dict
@@ -36,7 +37,7 @@ from .feed import Feed
 from .finetune import RegionTextLoss
 from .optim import build_model, optimizer_for, schedule, set_trainable
 from .stages import ImageTextLoss, RegionConceptLoss, Teacher, captioned
-from .state import atomic_save, load_checkpoint, restore_schedule, rng_state, set_rng_state
+from .state import load_checkpoint, restore_schedule, rng_state, set_rng_state
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -195,7 +196,7 @@ class Trainer:
             states = [None] * self.world
             dist.all_gather_object(states, rng_state())
         if self.rank == 0:
-            atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                          "step": self.step, "epoch": self.feed.epoch, "position": self.feed.position,
                          "best": self.best, "rng": states[0], "rng_per_rank": states, "config": to_dict(self.cfg)},

@@ -1,4 +1,5 @@
-"""Training state on disk: atomic checkpoint writes, RNG capture, restoring the schedule."""
+"""Training state: RNG capture, reading checkpoints, restoring the schedule (checkpoints are
+written with ``regionclip.atomic.atomic_torch_save``)."""
 
 from __future__ import annotations
 
@@ -47,24 +48,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``.
-
-    A crash or full disk mid-write leaves the previous ``path`` untouched; the partial temp
-    file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -4,20 +4,9 @@ RegionCLIP proposes regions with a separate detectron2 detector (``MODEL.CLIP.BB
 ``rpn_lvis_866.pth`` is an R50-FPN (zero-shot inference and pretraining),
 ``rpn_coco_48.pth`` an R50-C4 (OV-COCO fine-tuning and its evaluation). Both are MSRA ResNets
 with detectron2 conventions that torchvision's Faster R-CNN does not share; ``build_rpn_detector``
-builds the torchvision model and ``apply_detectron2_convention`` patches what differs:
-
-* stride 2 in the 1x1 conv of each stage's first block (``RESNETS.STRIDE_IN_1X1``), not the 3x3;
-* input BGR in 0-255 minus the caffe mean (103.530, 116.280, 123.675), std 1: the converted
-  first conv takes RGB channels, and the transform's mean/std make RGB [0, 1] input equal it;
-* the test-time resize ``ResizeShortestEdge(800, 1333)``: ``int(side * scale + 0.5)`` pixels,
-  bilinear with antialiasing like PIL's (detectron2 resizes the uint8 image with PIL first);
-* anchors unrounded (torchvision rounds cell anchors), ordered size-major, at the nominal
-  stride of each level (torchvision derives strides from padded-size // grid, which is 61
-  instead of 64 on P6 of an 800-pixel side, and 15 instead of 16 on a C4 map of odd width);
-* FrozenBN everywhere (``torchvision.ops.misc.FrozenBatchNorm2d``, eps 1e-5 as detectron2's);
-* padding: FPN inputs pad to 32, C4 inputs not at all (detectron2's ResNet has size_divisibility 0).
-
-RPN NMS, pre-/post-NMS top-k stay ``ProposalConfig``'s (``RPN_DEFAULTS`` holds RegionCLIP's).
+builds the torchvision model and ``apply_detectron2_convention`` patches the conventions that
+differ (``regionclip/detectron2_rpn.py`` lists them: stride in the 1x1 conv, caffe BGR input,
+detectron2's resize, unrounded anchors at nominal strides, FrozenBN, padding).
 """
 
 
