@@ -231,3 +231,14 @@ def test_serve_cli_checks_its_flags():
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--max-batch", "0"])
     assert exc.value.code == 2
+
+
+def test_a_request_that_waits_too_long_gets_a_json_504():
+    fake = _Gate()
+    try:
+        with TestClient(create_app(fake, limits=Limits(timeout=0.2))) as c:
+            r = detect(c, png(shapes_image(64, 64)))
+            assert r.status_code == 504 and "overloaded" in r.json()["error"]
+            fake.gate.set()
+    finally:
+        fake.gate.set()

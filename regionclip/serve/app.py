@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,6 +75,11 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
     def _library_error(request: Request, exc: RegionClipError):
         status = 503 if isinstance(exc, Busy) else 413 if isinstance(exc, TooLarge) else 400
         return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.exception_handler(FutureTimeout)
+    def _timeout(request: Request, exc: FutureTimeout):
+        return JSONResponse({"error": f"no answer within {limits.timeout:g} s: the server is overloaded; retry later"},
+                            status_code=504)
 
     @app.exception_handler(RequestValidationError)
     def _bad_request(request: Request, exc: RequestValidationError):
