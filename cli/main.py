@@ -20,6 +20,7 @@ from .detect import detect
 from .eval import eval_
 from .export import export
 from .importer import import_
+from .label import label
 from .options import Command, Group
 from .render import err_console
 from .shapes import make_shapes
@@ -41,6 +42,7 @@ app.command("make-shapes", cls=Command)(make_shapes)
 app.command("import", cls=Command)(import_)
 app.command("export", cls=Command)(export)
 app.command("convert", cls=Command)(convert)
+app.command("label", cls=Command)(label)
 
 
 @app.callback()
