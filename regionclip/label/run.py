@@ -133,6 +133,9 @@ def label_images(
     todo = [s for s in mine if overwrite or not store.shard_complete(out, s, keys[s.start:s.stop])]
     summary.skipped = len(mine) - len(todo)
     summary.todo = sum(s.size for s in todo)
+    for s in todo:  # what a killed write left (atomic_path cleans up after anything but SIGKILL)
+        for tmp in out.glob(f".{s.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     if before_run is not None:
         before_run(summary)
     if not todo:
