@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from regionclip.errors import BadInput
+
 from . import options as O
 from .detect import read_labels
 from .render import console, err_console, progress, warn
@@ -60,17 +62,17 @@ def label(
     identity = {"model": model_identity(cfg, flags.model), "scoring": scoring_identity(cfg, scoring)}
     args = dict(identity=identity, shard_size=shard_size, part=part, rank=rank, world=world, overwrite=overwrite,
                 embeddings=embeddings, batch_size=batch_size, num_workers=workers, scoring=scoring)
-    if engine == "ray":
-        from regionclip.label.ray_engine import label_with_ray
+    if engine not in ("plain", "ray"):
+        raise BadInput(f"--engine {engine!r}: use plain or ray")
+    shown = _Shown(rank == 0)
+    with shown.bar:
+        if engine == "ray":
+            from regionclip.label.ray_engine import label_with_ray
 
-        summary = label_with_ray(sources, vocab, cfg, out, **args)
-    elif engine == "plain":
-        shown = _Shown(rank == 0)
-        with shown.bar:
+            summary = label_with_ray(sources, vocab, cfg, out, before_run=shown.start, on_result=shown.add, **args)
+        else:
             summary = label_images(sources, vocab, lambda: O.build_model(cfg), out, before_run=shown.start,
                                    on_result=shown.add, **args)
-    else:
-        raise typer.BadParameter(f"--engine {engine!r}: use plain or ray")
     _report(summary, rank, world, allow_failures)
 
 

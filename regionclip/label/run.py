@@ -74,38 +74,22 @@ class LabelSummary:
     todo: int = 0  # images this process labels in this call
 
 
-def label_images(
-    sources: Sequence[str | os.PathLike],
-    labels: Sequence[str],
-    build: Callable[[], object],
-    out: str | os.PathLike,
-    *,
-    identity: dict,
-    shard_size: int = 1000,
-    part: tuple[int, int] = (0, 1),
-    rank: int = 0,
-    world: int = 1,
-    overwrite: bool = False,
-    embeddings: bool = False,
-    batch_size: int = 8,
-    num_workers: int = 2,
-    scoring: dict | None = None,
-    before_run: Callable[[LabelSummary], None] | None = None,
-    on_result: Callable[[object], None] | None = None,
-) -> LabelSummary:
-    """Label this process's shards of ``sources`` with ``labels``; write them under ``out``.
+@dataclass
+class Job:
+    """A checked run, ready to label: its folder, items, and this process's shards still to write."""
 
-    ``build()`` returns the predictor (``RegionCLIP`` or ``Predictor``), called only when a
-    shard needs work. ``identity``: ``{"model": model_identity(...), "scoring": the resolved
-    scoring config}``, what the manifest must match on a second run. ``part`` (``--shard i/N``),
-    ``rank``/``world`` (torchrun) pick the shards (``shards.assigned``). ``overwrite``: start
-    again whatever the folder holds. ``embeddings``: store each box's region embedding (fp16;
-    the crop tower runs once more over the kept boxes). ``before_run(summary)`` runs after the
-    checks, before the model is built; ``on_result(prediction)`` after each image.
+    out: Path
+    items: list
+    todo: list[Shard]
+    vocabulary: list[str]
+    summary: LabelSummary
 
-    Raises ``BadOutput`` (folder not writable), ``BadImage`` (no images), ``BadInput`` (the
-    manifest is another run's, without ``overwrite``).
-    """
+
+def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str], out: str | os.PathLike, *, identity: dict,
+            shard_size: int = 1000, part: tuple[int, int] = (0, 1), rank: int = 0, world: int = 1,
+            overwrite: bool = False, embeddings: bool = False) -> Job:
+    """Every check that needs no model, then the manifest and this process's unfinished shards
+    (see ``label_images``; the Ray engine starts from here too)."""
     store.require_pyarrow()
     out = check_output_dir(out, "--out")
     vocab = [str(s) for s in labels]
@@ -136,14 +120,52 @@ def label_images(
     for s in todo:  # what a killed write left (atomic_path cleans up after anything but SIGKILL)
         for tmp in out.glob(f".{s.name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+    return Job(out, items, todo, vocab, summary)
+
+
+def label_images(
+    sources: Sequence[str | os.PathLike],
+    labels: Sequence[str],
+    build: Callable[[], object],
+    out: str | os.PathLike,
+    *,
+    identity: dict,
+    shard_size: int = 1000,
+    part: tuple[int, int] = (0, 1),
+    rank: int = 0,
+    world: int = 1,
+    overwrite: bool = False,
+    embeddings: bool = False,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    scoring: dict | None = None,
+    before_run: Callable[[LabelSummary], None] | None = None,
+    on_result: Callable[[object], None] | None = None,
+) -> LabelSummary:
+    """Label this process's shards of ``sources`` with ``labels``; write them under ``out``.
+
+    ``build()`` returns the predictor (``RegionCLIP`` or ``Predictor``), called only when a
+    shard needs work. ``identity``: ``{"model": model_identity(...), "scoring": the resolved
+    scoring config}``, what the manifest must match on a second run. ``part`` (``--shard i/N``),
+    ``rank``/``world`` (torchrun) pick the shards (``shards.assigned``). ``overwrite``: start
+    again whatever the folder holds. ``embeddings``: store each box's region embedding (fp16;
+    the crop tower runs once more over the kept boxes). ``before_run(summary)`` runs after the
+    checks, before the model is built; ``on_result(prediction)`` after each image.
+
+    Raises ``BadOutput`` (folder not writable), ``BadImage`` (no images), ``BadInput`` (the
+    manifest is another run's, without ``overwrite``), ``MissingDependency`` (no pyarrow).
+    """
+    job = prepare(sources, labels, out, identity=identity, shard_size=shard_size, part=part, rank=rank,
+                  world=world, overwrite=overwrite, embeddings=embeddings)
+    summary = job.summary
     if before_run is not None:
         before_run(summary)
-    if not todo:
+    if not job.todo:
         return summary
     net = build()
     start = time.perf_counter()
     try:
-        _run(net, items, todo, vocab, out, summary, embeddings, batch_size, num_workers, scoring or {}, on_result)
+        _run(net, job, embeddings, batch_size, num_workers, scoring or {}, on_result)
     except KeyboardInterrupt:
         summary.interrupted = True  # the shards written so far are complete; the same command continues
     summary.seconds = time.perf_counter() - start
@@ -161,17 +183,17 @@ def _clear(out: Path, mine: list[Shard], n_shards: int | None) -> None:
                 f.unlink(missing_ok=True)
 
 
-def _run(net, items, todo: list[Shard], vocab, out: Path, summary: LabelSummary, embeddings: bool,
-         batch_size: int, num_workers: int, scoring: dict, on_result) -> None:
+def _run(net, job: Job, embeddings: bool, batch_size: int, num_workers: int, scoring: dict, on_result) -> None:
     from ..io import LoadedImage
 
-    wanted = [items[i] for s in todo for i in range(s.start, s.stop)]
+    todo, vocab, out, summary = job.todo, job.vocabulary, job.out, job.summary
+    wanted = [job.items[i] for s in todo for i in range(s.start, s.stop)]
     workers = num_workers if len(wanted) > batch_size else 0  # one chunk: nothing to decode ahead of
     shard_iter = iter(todo)
     shard, rows = next(shard_iter), []
     for p in net.stream(wanted, vocab, batch_size=batch_size, num_workers=workers, keep_images=embeddings,
                         **scoring):
-        rows.append(_row(net, p, embeddings, LoadedImage, summary))
+        rows.append(row_of(net, p, embeddings, LoadedImage, summary))
         if on_result is not None:
             on_result(p)
         if len(rows) == shard.size:
@@ -180,7 +202,8 @@ def _run(net, items, todo: list[Shard], vocab, out: Path, summary: LabelSummary,
             shard, rows = next(shard_iter, None), []
 
 
-def _row(net, p, embeddings: bool, LoadedImage, summary: LabelSummary) -> dict:
+def row_of(net, p, embeddings: bool, LoadedImage, summary: LabelSummary) -> dict:
+    """A ``Prediction`` as a shard row (``store``'s columns); counts it in ``summary``."""
     summary.done += 1
     if p.error is not None:
         summary.failed += 1
