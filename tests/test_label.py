@@ -242,7 +242,7 @@ def test_label_without_pyarrow_says_how_to_install(tmp_path, images, capsys, mon
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     code, _, err = run(label_argv("demo", images[:2], tmp_path / "out"), capsys)
-    assert code == 2 and err.strip() == "error: regionclip label needs pyarrow: pip install regionclip[label]"
+    assert code == 2 and err.strip() == ('error: regionclip label needs pyarrow: pip install -e ".[label]" (or pip install pyarrow)')
 
 
 def test_embeddings_are_stored_fp16_per_box(tmp_path, tiny_spec, images, capsys):

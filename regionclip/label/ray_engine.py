@@ -47,7 +47,7 @@ def _ray():
     try:
         import ray
     except ModuleNotFoundError:
-        raise store.MissingDependency("--engine ray needs Ray: pip install regionclip[ray]") from None
+        raise store.MissingDependency('--engine ray needs Ray: pip install -e ".[ray]" (or pip install "ray[data]")') from None
     return ray
 
 

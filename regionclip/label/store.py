@@ -49,7 +49,7 @@ def _pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ModuleNotFoundError:
-        raise MissingDependency("regionclip label needs pyarrow: pip install regionclip[label]") from None
+        raise MissingDependency('regionclip label needs pyarrow: pip install -e ".[label]" (or pip install pyarrow)') from None
     return pa, pq
 
 
