@@ -61,9 +61,9 @@ def test_label_then_instances_then_cocodetection(tmp_path, capsys):
     data = json.loads((tmp_path / "train.json").read_text())
     ds = CocoDetection(tmp_path / "train.json", data["info"]["images_dir"], categories=LABELS)
     assert len(ds) == 3 and ds.category_names == LABELS
-    from regionclip.label.store import read_label_dir
+    from regionclip.records import load_results
 
-    results = read_label_dir(out)
+    results = load_results(out)
     for i, rec in enumerate(results.images):
         image, target = ds[i]
         assert tuple(image.shape[1:]) == (40, 40)

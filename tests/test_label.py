@@ -17,7 +17,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from regionclip.label import expand_sources, plan  # noqa: E402
 from regionclip.label.shards import assigned, parse_part  # noqa: E402
-from regionclip.label.store import read_label_dir, shard_complete  # noqa: E402
+from regionclip.records import load_results  # noqa: E402
 from regionclip.errors import BadInput  # noqa: E402
 from regionclip_cli.main import main  # noqa: E402
 
@@ -154,31 +154,35 @@ def test_label_writes_shards_and_manifest_then_resumes(tmp_path, tiny_spec, imag
     assert code == 0 and "4 image(s) labelled" in stdout and "in 1 shard(s)" in stdout
     assert_same_rows(shard_rows(out), rows)
     # read back as Results (what convert reads)
-    results = read_label_dir(out)
+    results = load_results(out)
     assert [im.image for im in results.images] == images and results.vocabulary == LABELS.split(",")
 
 
-@pytest.mark.parametrize("change, flag", [
-    (["--labels", "blue triangle"], "vocabulary"),
-    (["--nms-iou", "0.2"], "scoring"),
-    (["--shard-size", "3"], "shard_size"),
-    ("model", "model"),
-])
-def test_a_manifest_of_another_run_is_one_line_and_exit_2(tmp_path, tiny_spec, images, capsys, change, flag):
+def test_a_manifest_of_another_run_is_one_line_and_exit_2(tmp_path, tiny_spec, images, capsys, monkeypatch):
     out = tmp_path / "out"
     code, _, err = run(label_argv(tiny_spec, images[:4], out, "--shard-size", "4"), capsys)
     assert code == 0, err
-    argv = label_argv(tiny_spec, images[:4], out, "--shard-size", "4")
-    if change == "model":
-        argv[argv.index(tiny_spec)] = save_tiny_other(tmp_path)
-    else:
-        argv += change
-    code, stdout, err = run(argv, capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"its {flag} differs" in err and "--overwrite" in err and "Traceback" not in err
+    import regionclip_cli.options as O
+
+    build = O.build_model
+    monkeypatch.setattr(O, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    other_model = save_tiny_other(tmp_path)
+    for change, what in ((["--labels", "blue triangle"], "vocabulary"), (["--nms-iou", "0.2"], "scoring"),
+                         (["--shard-size", "3"], "shard_size"), ("model", "model"), ("images", "images")):
+        argv = label_argv(tiny_spec, images[:4], out, "--shard-size", "4")
+        if change == "model":
+            argv[argv.index(tiny_spec)] = other_model
+        elif change == "images":
+            argv[1:5] = images[1:6]
+        else:
+            argv += change
+        code, stdout, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"its {what} differs" in err and "--overwrite" in err and "Traceback" not in err
+    monkeypatch.setattr(O, "build_model", build)
     code, stdout, err = run(argv + ["--overwrite"], capsys)
-    assert code == 0, err
-    assert "1 shard(s)" in stdout or "4 image(s) labelled" in stdout
+    assert code == 0 and "5 image(s) labelled" in stdout, err
+    assert [r["image"] for r in shard_rows(out)] == images[1:6]
 
 
 def save_tiny_other(tmp_path) -> str:

@@ -23,7 +23,6 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import BadInput, RegionClipError
 from ..outputs import atomic_write_json
-from ..records import ImageRecord, Results
 from .shards import Shard
 
 MANIFEST = "manifest.json"
@@ -140,8 +139,10 @@ def shard_complete(out: str | os.PathLike, shard: Shard, keys: Sequence[str]) ->
         return False
 
 
-def read_label_dir(path: str | os.PathLike) -> Results:
-    """A ``regionclip label --out`` folder as ``Results`` (every image of every shard, in order).
+def read_label_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """A ``regionclip label --out`` folder as ``(manifest, rows)``: every row of every shard, in
+    the run's order (``records.load_results`` makes ``Results`` of them; this module stays below
+    ``records`` in the layers).
 
     Raises ``BadInput`` when the folder has no manifest or a shard is missing or unreadable
     (the run has not finished: run the same command again).
@@ -156,19 +157,12 @@ def read_label_dir(path: str | os.PathLike) -> Results:
     if missing:
         raise BadInput(f"{folder}: {len(missing)} of {n_shards} shards are not written yet (first: {missing[0]}); "
                        "run the same regionclip label command again to finish them")
-    images = []
+    rows = []
     for k in range(n_shards):
         file = folder / f"shard-{k:05d}.parquet"
         try:
-            rows = pq.read_table(file).to_pylist()
+            rows += pq.read_table(file).to_pylist()
         except (OSError, pa.ArrowException) as exc:
             raise BadInput(f"{file}: not a readable shard ({type(exc).__name__}); run the same regionclip label "
                            "command again to redo it") from None
-        for r in rows:
-            images.append(ImageRecord(image=r["image"], width=r["width"], height=r["height"],
-                                      boxes_xyxy=np.asarray(r["boxes_xyxy"] or [], np.float32).reshape(-1, 4),
-                                      labels=list(r["labels"] or []), scores=np.asarray(r["scores"] or [], np.float32),
-                                      error=r["error"]))
-    model = manifest.get("model") or {}
-    return Results(images=images, vocabulary=list(manifest.get("vocabulary") or []),
-                   model=model.get("spec") if isinstance(model, dict) else model, meta=manifest)
+    return manifest, rows
