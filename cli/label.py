@@ -115,8 +115,10 @@ def _report(summary, rank: int, world: int, allow_failures: bool) -> None:
         err_console.print("interrupted: the shards written are complete; run the same command to continue",
                           markup=False)
         raise typer.Exit(code=130)
-    if (totals["failed"] or summary.problems) and not allow_failures:
-        if rank == 0 and totals["failed"]:
-            err_console.print(f"{totals['failed']} image(s) could not be decoded (recorded in the shards with "
+    failed = totals["failed"] + totals["failed_before"]
+    if (failed or summary.problems) and not allow_failures:
+        if rank == 0 and failed:
+            earlier = f", {totals['failed_before']} of them in shards finished before" if totals["failed_before"] else ""
+            err_console.print(f"{failed} image(s) could not be decoded{earlier} (recorded in the shards with "
                               "their reason); --allow-failures exits 0 for that", markup=False)
         raise typer.Exit(code=3)

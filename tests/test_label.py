@@ -215,6 +215,11 @@ def test_bad_images_are_recorded_and_counted(tmp_path, tiny_spec, images, capsys
     code, stdout, err = run(label_argv(tiny_spec, sources, tmp_path / "out2", "--shard-size", "2",
                                        "--allow-failures"), capsys)
     assert code == 0 and "3 failed" in stdout, err
+    # Resumed with nothing left to do, the failures recorded earlier still decide the exit code.
+    code, stdout, err = run(label_argv(tiny_spec, sources, out, "--shard-size", "2"), capsys)
+    assert code == 3 and "0 image(s) labelled" in stdout and "3 image(s) could not be decoded, 3 of them" in err
+    code, stdout, err = run(label_argv(tiny_spec, sources, out, "--shard-size", "2", "--allow-failures"), capsys)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("errno_, strerror", [(30, "Read-only file system"), (28, "No space left on device")])

@@ -55,7 +55,8 @@ def model_identity(cfg, spec: str) -> dict:
 class LabelSummary:
     """One process's run: ``images`` and ``shards`` of the whole run; ``assigned`` shards this
     process owns, ``skipped`` of them already complete; ``done`` images labelled now, ``failed``
-    of them undecodable (``failures``: (image, reason), the first 50); ``detections`` written;
+    of them undecodable (``failures``: (image, reason), the first 50; ``failed_before``: those in
+    the shards an earlier call finished); ``detections`` written;
     ``problems``: specs that matched nothing; ``interrupted``: stopped by Ctrl-C."""
 
     out: Path
@@ -72,6 +73,7 @@ class LabelSummary:
     problems: list[str] = field(default_factory=list)
     interrupted: bool = False
     todo: int = 0  # images this process labels in this call
+    failed_before: int = 0  # undecodable images in the shards finished by an earlier call
 
 
 @dataclass
@@ -114,7 +116,13 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str], out: st
     if overwrite:
         _clear(out, mine, len(shards) if (part[0], rank) == (0, 0) else None)
     store.write_manifest(out, {**manifest, "regionclip": __version__})
-    todo = [s for s in mine if overwrite or not store.shard_complete(out, s, keys[s.start:s.stop])]
+    todo = []
+    for s in mine:
+        failed = None if overwrite else store.finished_shard(out, s, keys[s.start:s.stop])
+        if failed is None:
+            todo.append(s)
+        else:
+            summary.failed_before += failed
     summary.skipped = len(mine) - len(todo)
     summary.todo = sum(s.size for s in todo)
     for s in todo:  # what a killed write left (atomic_path cleans up after anything but SIGKILL)
@@ -234,7 +242,7 @@ def scoring_identity(cfg, overrides: dict) -> dict:
 
 def gather_counts(summary: LabelSummary, world: int) -> dict[str, int]:
     """The run's counts summed over the torchrun ranks (gloo, or NCCL on GPUs); this process's alone."""
-    names = ("done", "failed", "detections", "written", "skipped")
+    names = ("done", "failed", "detections", "written", "skipped", "failed_before")
     counts = {n: int(getattr(summary, n)) for n in names}
     if world <= 1:
         return counts

@@ -7,7 +7,7 @@ manifest's vocabulary), ``scores`` (float32), ``error`` (why the image has no de
 null) and, with ``--embeddings``, ``embeddings`` (list of D float16, unit norm, one per box).
 
 Every file is written to a temporary name and renamed (``regionclip.atomic``): a shard file that
-exists is complete, unless someone cut it by hand, which ``shard_complete`` notices.
+exists is complete, unless someone cut it by hand, which ``finished_shard`` notices.
 """
 
 from __future__ import annotations
@@ -122,21 +122,25 @@ def write_shard(out: str | os.PathLike, shard: Shard, rows: list[dict], embeddin
     return path
 
 
-def shard_complete(out: str | os.PathLike, shard: Shard, keys: Sequence[str]) -> bool:
-    """True when ``shard``'s file reads as Parquet and holds exactly ``keys`` (its images, in order).
+def finished_shard(out: str | os.PathLike, shard: Shard, keys: Sequence[str]) -> int | None:
+    """The number of undecodable images in ``shard``'s file when it reads as Parquet and holds
+    exactly ``keys`` (its images, in order); None when it is not complete.
 
     A file cut by hand, overwritten with other rows, or from another image list is not complete.
     """
     pa, pq = _pyarrow()
     path = Path(out) / shard.name
     if not path.is_file():
-        return False
+        return None
     try:
         if pq.read_metadata(path).num_rows != len(keys):
-            return False
-        return pq.read_table(path, columns=["image"]).column("image").to_pylist() == list(keys)
+            return None
+        table = pq.read_table(path, columns=["image", "error"])
+        if table.column("image").to_pylist() != list(keys):
+            return None
+        return len(keys) - table.column("error").null_count
     except (OSError, pa.ArrowException):
-        return False
+        return None
 
 
 def read_label_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
