@@ -8,8 +8,8 @@ Generates shapes JPEGs (256x256, seeded) in a temporary folder, then, with the d
 the CPU:
 
 - **memory**: for each count of ``--memory``, a fresh process runs ``regionclip label`` over
-  that many images and reports its peak RSS (``ru_maxrss``: the main process; the decoding
-  workers' largest separately). Target (issue 22): the largest count within 10% of the smallest.
+  that many images and reports its peak RSS (``VmHWM``: the main process; the decoding
+  workers' largest ``ru_maxrss`` separately). Target (issue 22): the largest count within 10% of the smallest.
 - **throughput**: in one process, the bare model loop (``backend.detect_chunk`` over chunks of
   ``--batch-size`` images decoded before the clock starts) against ``label`` over the same
   ``--images`` files (decoding in ``--workers`` processes, writing Parquet shards), each after
@@ -73,8 +73,9 @@ def child_memory(listing: str, out: str, argv_json: str) -> None:
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
-    self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss would include the parent's, carried across exec).
+    self_mb = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]) / 1024
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # a forked worker's, shared pages too
     print(json.dumps({"peak_rss_mib": round(self_mb, 1), "largest_worker_rss_mib": round(child_mb, 1)}))
 
 
