@@ -21,6 +21,7 @@ from .detect import detect
 from .eval import eval_
 from .export import export
 from .importer import import_
+from .label import label
 from .options import Command, Group
 from .render import err_console
 from .serve import serve
@@ -45,6 +46,7 @@ app.command("export", cls=Command)(export)
 app.command("convert", cls=Command)(convert)
 app.command("calibrate", cls=Command)(calibrate)
 app.command("serve", cls=Command)(serve)
+app.command("label", cls=Command)(label)
 
 
 @app.callback()

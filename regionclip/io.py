@@ -114,10 +114,11 @@ def _open(path: Path) -> Image.Image:
         raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
 
 
-def _decode(path: Path, max_side: int | None) -> LoadedImage:
-    """Decode ``path``; with ``max_side``, JPEGs decode at the smallest 1/2^k scale still at
-    least that large (Pillow's draft mode), so a 100-megapixel photo never exists in memory."""
-    img = _open(path)
+def _decode(path: Path, max_side: int | None, opened: Image.Image | None = None) -> LoadedImage:
+    """Decode ``path`` (or ``opened``, an image ``path`` names); with ``max_side``, JPEGs decode at the
+    smallest 1/2^k scale still at least that large (Pillow's draft mode), so a 100-megapixel photo
+    never exists in memory."""
+    img = _open(path) if opened is None else opened
     try:
         with img:
             w, h = img.size
@@ -158,6 +159,9 @@ def load_reduced(source: ImageSource, max_side: int | None = None) -> LoadedImag
         return LoadedImage(reduce(source.pixels, max_side), source.original_size)
     if isinstance(source, (str, os.PathLike)):
         loaded = _decode(Path(source), max_side)
+        return LoadedImage(reduce(loaded.pixels, max_side), loaded.original_size)
+    if hasattr(source, "open_image"):  # a file inside an archive (regionclip.label.sources.TarMember)
+        loaded = _decode(Path(str(source)), max_side, source.open_image())
         return LoadedImage(reduce(loaded.pixels, max_side), loaded.original_size)
     pixels = load_image(source)
     return LoadedImage(reduce(pixels, max_side), pixels.shape[:2])

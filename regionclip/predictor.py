@@ -181,8 +181,12 @@ class Predictor:
         ``vocabulary``; a ``Vocabulary`` (also as ``labels``) or ``exemplars`` compiled."""
         from .vocabulary import Vocabulary
 
+        from .exemplars import CompiledVocabulary
+
         if isinstance(labels, Vocabulary):
             labels, vocab = None, labels if vocab is None else vocab
+        if isinstance(vocab, CompiledVocabulary) and labels is None and not exemplars:
+            return vocab.names, vocab.embeddings, vocab.rules  # compiled once by the caller (a server's cache)
         if vocab is None and not exemplars:
             return (*self.vocabulary(labels, text_embeddings), None)
         if text_embeddings is not None:

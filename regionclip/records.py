@@ -94,13 +94,24 @@ def from_detect_json(path: str | os.PathLike) -> Results:
     return Results(images=images, vocabulary=sorted(ids, key=ids.get), meta={"source": str(path)})
 
 
+def from_label_dir(path: str | os.PathLike) -> Results:
+    """A ``regionclip label --out`` folder (Parquet shards + ``manifest.json``), every image in the
+    run's order, undecodable ones with their ``error``."""
+    from .label.store import read_label_rows
+
+    manifest, rows = read_label_rows(path)
+    images = [ImageRecord(image=r["image"], width=r["width"], height=r["height"], boxes_xyxy=r["boxes_xyxy"] or [],
+                          labels=list(r["labels"] or []), scores=r["scores"] or [], error=r["error"]) for r in rows]
+    model = manifest.get("model")
+    return Results(images=images, vocabulary=list(manifest.get("vocabulary") or []),
+                   model=model.get("spec") if isinstance(model, dict) else model, meta=manifest)
+
+
 def load_results(path: str | os.PathLike) -> Results:
     """``Results`` from a ``detect --json`` file or a ``label`` output folder."""
     path = Path(path)
     if path.is_dir():
-        from .label.store import read_label_dir  # a label run's Parquet shards + manifest.json
-
-        return read_label_dir(path)
+        return from_label_dir(path)
     if path.is_file():
         return from_detect_json(path)
     raise BadInput(f"{path}: no such file or folder; pass a `regionclip detect --json` file or a "

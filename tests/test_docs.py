@@ -10,7 +10,7 @@ What a block's language means:
   ``python -c CODE`` runs CODE; ``python SCRIPT.py ARGS`` runs the script with ARGS;
   ``python -m pytest -q`` must be the test command of ``.ci/run``; ``pip install`` is never run,
   its extras must exist in pyproject.toml and its pins must fit the project's dependencies;
-  ``torchrun ... -m regionclip.train ARGS`` is ``regionclip train ARGS``.
+  ``torchrun ... -m regionclip.train ARGS`` is ``regionclip train ARGS`` (``regionclip.label`` likewise).
 - ``yaml`` / ``json``: parsed. ``text``: not run (diagrams, output shown to the reader).
 
 A block whose fence is preceded by ``<!-- doc-test: parse-only (why) -->`` needs what the tests
@@ -248,9 +248,10 @@ def run_shell(block: Block, monkeypatch) -> None:
         elif program == "torchrun":
             assert "-m" in args, f"torchrun without -m: {shlex.join(words)}"
             module, rest = args[args.index("-m") + 1], args[args.index("-m") + 2:]
-            assert module == "regionclip.train", f"torchrun -m {module}: only regionclip.train is modelled"
-            assert (ROOT / "regionclip/train/__main__.py").is_file()
-            parse_cli(["train", *rest])
+            assert module in ("regionclip.train", "regionclip.label"), f"torchrun -m {module}: not modelled"
+            command = module.split(".")[1]
+            assert (ROOT / f"regionclip/{command}/__main__.py").is_file()
+            parse_cli([command, *rest])
         elif program == "pip" or words[:3] == ["python", "-m", "pip"]:
             assert "install" in words, f"only pip install is modelled: {shlex.join(words)}"
             check_pip(words)

@@ -242,3 +242,33 @@ def test_a_request_that_waits_too_long_gets_a_json_504():
             fake.gate.set()
     finally:
         fake.gate.set()
+
+
+def test_detect_takes_a_vocabulary_with_synonyms_negatives_and_thresholds(client, demo):
+    """A vocab form field (the --vocab file's structure as JSON/YAML text) gives the detections
+    the predictor gives for that vocabulary, compiled once across requests; exemplars (server
+    paths) need --allow-paths."""
+    import json
+
+    from regionclip.vocabulary import Vocabulary
+
+    spec = {"red circle": {"prompts": ["red circle", "red disc"], "threshold": 0.2},
+            "green square": {"negatives": ["blue square"]}}
+    pixels = shapes_image(120, 160)
+    r = detect(client, png(pixels), labels=None, vocab=json.dumps(spec))
+    assert r.status_code == 200, r.text
+    want = demo.detect([pixels], vocab=Vocabulary.from_dict(spec))[0]
+    got = r.json()["detections"]
+    assert [d["label"] for d in got] == want.names
+    np.testing.assert_allclose([d["box_xyxy"] for d in got], want.boxes_xyxy.numpy().reshape(-1, 4), atol=0.01)
+    batcher = client.app.state.batcher
+    encoded = batcher.encoded
+    assert detect(client, png(pixels), labels=None, vocab=json.dumps(spec)).status_code == 200
+    assert batcher.encoded == encoded  # compiled once
+    for vocab, words in (("red circle: {exemplars: ['/etc/x.jpg:0,0,5,5']}", "--allow-paths"),
+                         ("- not a mapping", "mapping of class names"),
+                         ("dog: {colour: red}", "colour")):
+        r = detect(client, png(pixels), labels=None, vocab=vocab)
+        assert r.status_code == 400 and words in r.json()["error"], r.text
+    both = detect(client, png(pixels), vocab=json.dumps(spec))
+    assert both.status_code == 400 and "not both" in both.json()["error"]

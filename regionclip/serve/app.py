@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Optional
 
+import yaml
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,6 +23,7 @@ from ..convert.labelstudio import prediction
 from ..errors import BadImage, BadInput, RegionClipError
 from ..io import load_image
 from ..labels import check_labels
+from ..vocabulary import Vocabulary
 from .batcher import Batcher, Busy
 from .labelstudio import ImageFetcher, LabelConfig, TooLarge, parse_label_config, read_file
 
@@ -97,12 +99,33 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
     def run(pixels, labels, **scoring):
         return batcher.submit(pixels, labels, **scoring).result(timeout=limits.timeout)
 
+    def vocab_of(text: str) -> Vocabulary:
+        """A vocabulary sent as JSON or YAML text (the ``--vocab`` file's structure). Exemplar
+        images are server-side paths, so they need a server started with ``--allow-paths``."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise BadInput(f"vocab: not valid JSON or YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict) or not data:
+            raise BadInput('vocab: expected a mapping of class names, e.g. {"dog": {"prompts": ["dog", "puppy"]}}')
+        vocab = Vocabulary.from_dict(data, where="vocab")
+        if any(c.exemplars for c in vocab.classes) and not allow_paths:
+            raise BadInput("vocab: exemplars name image files on the server; start it with --allow-paths to use them")
+        if len(vocab.classes) > limits.max_labels:
+            raise TooLarge(f"{len(vocab.classes)} classes, more than the server's limit of {limits.max_labels}")
+        return vocab
+
     @app.post("/detect")
     def detect(image: Optional[UploadFile] = File(None), path: Optional[str] = Form(None),
-               labels: Optional[str] = Form(None), score_threshold: Optional[float] = Form(None)):
-        """Detections of ``labels`` (comma-separated) in an uploaded ``image`` (or a server-side ``path``
-        when the server allows paths): ``{"width", "height", "detections": [{label, score, box_xyxy}]}``."""
-        names = labels_of(labels)
+               labels: Optional[str] = Form(None), vocab: Optional[str] = Form(None),
+               score_threshold: Optional[float] = Form(None)):
+        """Detections of ``labels`` (comma-separated), or of a ``vocab`` (the ``--vocab`` file's
+        structure as JSON or YAML text: synonyms, negatives, per-class thresholds), in an uploaded
+        ``image`` (or a server-side ``path`` when the server allows paths):
+        ``{"width", "height", "detections": [{label, score, box_xyxy}]}``."""
+        if labels is not None and vocab is not None:
+            raise BadInput("send labels or vocab, not both")
+        names = vocab_of(vocab) if vocab is not None else labels_of(labels)
         if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
             raise BadInput(f"score_threshold must be in [0, 1], but got {score_threshold}")
         if image is not None:

@@ -11,6 +11,7 @@ latency and memory grow without end. The labels' text embeddings are encoded onc
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict, deque
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import RegionClipError
+from ..vocabulary import Vocabulary
 
 
 class Busy(RegionClipError):
@@ -52,9 +54,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="regionclip-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, pixels: np.ndarray, labels: Sequence[str], **scoring) -> Future:
-        """Queue one HxWx3 uint8 RGB image; the future's result is its ``Detections`` (on the CPU)."""
-        job = _Job(pixels, (tuple(labels), tuple(sorted((k, v) for k, v in scoring.items() if v is not None))))
+    def submit(self, pixels: np.ndarray, labels: Sequence[str] | Vocabulary, **scoring) -> Future:
+        """Queue one HxWx3 uint8 RGB image with plain ``labels`` or a ``Vocabulary`` (synonyms,
+        negatives, thresholds, exemplars); the future's result is its ``Detections`` (on the CPU)."""
+        what = labels if isinstance(labels, Vocabulary) else tuple(labels)
+        job = _Job(pixels, (what, tuple(sorted((k, v) for k, v in scoring.items() if v is not None))))
         with self._cond:
             if self._closed:
                 raise Busy("the server is shutting down")
@@ -64,14 +68,17 @@ class Batcher:
             self._cond.notify()
         return job.future
 
-    def text_embeddings(self, labels: tuple):
-        """The labels' (L, D) embeddings, encoded on first use and cached."""
-        if labels in self._text:
-            self._text.move_to_end(labels)
-            return self._text[labels]
-        emb = self.predictor.vocabulary(list(labels))[1]
+    def text_embeddings(self, labels: tuple | Vocabulary):
+        """The labels' (L, D) embeddings, or a vocabulary compiled (text and exemplars), made on
+        first use and cached (a ``Vocabulary`` is keyed by its manifest: equal files share)."""
+        key = _vocab_key(labels) if isinstance(labels, Vocabulary) else labels
+        if key in self._text:
+            self._text.move_to_end(key)
+            return self._text[key]
+        emb = self.predictor.compile(labels) if isinstance(labels, Vocabulary) else \
+            self.predictor.vocabulary(list(labels))[1]
         self.encoded += 1
-        self._text[labels] = emb
+        self._text[key] = emb
         while len(self._text) > self.cache_size:
             self._text.popitem(last=False)
         return emb
@@ -106,7 +113,9 @@ class Batcher:
             labels, scoring = batch[0].key
             try:
                 emb = self.text_embeddings(labels)
-                preds = list(self.predictor.stream([j.pixels for j in batch], list(labels), text_embeddings=emb,
+                vocab = {"vocab": emb} if isinstance(labels, Vocabulary) else \
+                    {"labels": list(labels), "text_embeddings": emb}
+                preds = list(self.predictor.stream([j.pixels for j in batch], **vocab,
                                                    batch_size=len(batch), num_workers=0, **dict(scoring)))
                 self.batches += 1
             except BaseException as exc:  # noqa: BLE001 - every waiting client must hear of it
@@ -118,3 +127,7 @@ class Batcher:
                     j.future.set_exception(RegionClipError(p.error))
                 else:
                     j.future.set_result(p.detections.cpu())
+
+
+def _vocab_key(vocab: Vocabulary) -> tuple:
+    return ("vocab", json.dumps(vocab.to_manifest(), sort_keys=True))

@@ -1,0 +1,134 @@
+"""What ``regionclip label`` reads: image files, folders, globs, a text file of paths, a COCO
+images file, and webdataset tar shards, expanded into one list in a deterministic order.
+
+Each item is a path (``str``) or a ``TarMember``; its ``str`` is the key a shard records. The
+order is the order of the specs, each expanded sorted, so the same command always cuts the same
+shards. Paths listed inside a text or COCO file are kept even when missing: the run records
+them as failures instead of silently dropping them.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import BadImage, BadInput
+from ..io import IMAGE_EXTENSIONS, expand_inputs
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SEP = "::"  # tar path SEP member name: the key of an image inside a shard
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One image inside a tar shard (webdataset layout: ``KEY.jpg`` beside ``KEY.json`` ...).
+
+    ``offset``/``size`` locate its bytes in an uncompressed tar, so reading it is one seek
+    (a gzipped tar is walked with ``tarfile`` instead). Picklable: DataLoader workers decode it.
+    """
+
+    tar: str
+    name: str
+    offset: int = -1
+    size: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.tar}{SEP}{self.name}"
+
+    def read_bytes(self) -> bytes:
+        try:
+            if self.offset >= 0:
+                with open(self.tar, "rb") as f:
+                    f.seek(self.offset)
+                    return f.read(self.size)
+            with tarfile.open(self.tar) as t:
+                member = t.extractfile(self.name)
+                return member.read() if member is not None else b""
+        except (OSError, KeyError, tarfile.TarError) as exc:
+            raise BadImage(f"{self}: cannot read it from the tar ({type(exc).__name__})") from None
+
+    def open_image(self):
+        """A PIL image over the member's bytes (``regionclip.io.load_reduced`` decodes it)."""
+        from PIL import Image, UnidentifiedImageError
+
+        data = self.read_bytes()
+        if not data:
+            raise BadImage(f"{self}: file is empty")
+        try:
+            return Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise BadImage(f"{self}: not a readable image ({type(exc).__name__})") from None
+
+
+def tar_members(path: str | os.PathLike) -> list[TarMember]:
+    """The image members of a tar shard, sorted by name."""
+    path = str(path)
+    try:
+        with tarfile.open(path) as t:
+            plain = path.endswith(".tar")
+            found = [TarMember(path, m.name, m.offset_data if plain else -1, m.size if plain else -1)
+                     for m in t.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS]
+    except (OSError, tarfile.TarError) as exc:
+        raise BadInput(f"{path}: not a readable tar file ({type(exc).__name__})") from None
+    return sorted(found, key=lambda m: m.name)
+
+
+def _listed(path: Path) -> list[str]:
+    """A text file of image paths, one per line (relative ones are relative to the file's folder)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: not a readable list of image paths ({type(exc).__name__})") from None
+    return [str(path.parent / s) if not os.path.isabs(s) else s
+            for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+
+
+def _coco_images(path: Path) -> list[str]:
+    """A COCO file's ``images[].file_name``, relative to the file's folder, in ``images`` order."""
+    try:
+        data = json.loads(path.read_text())
+        names = [str(im["file_name"]) for im in data["images"]]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BadInput(f"{path}: expected a COCO file with images[].file_name ({type(exc).__name__})") from None
+    return [n if os.path.isabs(n) else str(path.parent / n) for n in names]
+
+
+def expand_sources(specs: Sequence[str | os.PathLike]) -> tuple[list, list[str]]:
+    """``(items, problems)``: every image of ``specs`` in order, duplicates dropped.
+
+    A spec is an image file, a folder (its images, sorted), a glob, a ``.txt`` list of paths,
+    a COCO ``.json`` (its ``images``), or a tar shard (``.tar``, ``.tar.gz``; globs of them too,
+    e.g. ``shards/*.tar``). ``problems``: one line per spec that matched nothing.
+    """
+    items: list = []
+    problems: list[str] = []
+    for spec in specs:
+        spec = str(spec)
+        p = Path(spec)
+        if p.is_file() and spec.endswith(TAR_SUFFIXES):
+            items += tar_members(p)
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            items += _listed(p)
+        elif p.is_file() and p.suffix.lower() == ".json":
+            items += _coco_images(p)
+        elif not p.exists() and glob.has_magic(spec) and spec.endswith(TAR_SUFFIXES):
+            tars = sorted(glob.glob(spec))
+            if not tars:
+                problems.append(f"{spec}: pattern matched no tar shards")
+            for t in tars:
+                items += tar_members(t)
+        elif not p.exists() and not glob.has_magic(spec):
+            items.append(spec)  # recorded as a failure ("no such file") with the others, not dropped
+        else:
+            paths, missed = expand_inputs([spec])
+            items += [str(q) for q in paths]
+            problems += missed
+    seen: set[str] = set()
+    unique = [it for it in items if not (str(it) in seen or seen.add(str(it)))]
+    return unique, problems

@@ -1,0 +1,106 @@
+"""``regionclip label`` across processes: SIGKILL and resume, two gloo ranks, ``--shard i/N``."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("pyarrow")
+
+from test_label import assert_same_rows, label_argv, make_images, run, save_tiny, shard_rows  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("label_procs")
+    spec = save_tiny(root / "model")
+    images = make_images(root / "images", 30)
+    reference = root / "reference"
+    code, _, _ = run(label_argv(spec, images, reference, "--shard-size", "4"))
+    assert code == 0
+    return spec, images, shard_rows(reference)
+
+
+def _shards(out: Path) -> int:
+    return len(list(out.glob("shard-*.parquet"))) if out.is_dir() else 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_random_points_then_resume(setup, tmp_path):
+    """Killed three times mid-run (after a random number of shards, plus a random delay so some
+    kills land inside a shard or a write), then resumed: every image exactly once, the same records."""
+    spec, images, reference = setup
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "regionclip.label", *label_argv(spec, images, out, "--shard-size", "4")[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    rng = random.Random(int(os.environ.get("LABEL_KILL_SEED", time.time_ns() % 10_000)))
+    targets = sorted(rng.sample(range(1, 8), 3))
+    codes = []
+    for target in targets:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120  # a hang guard, not a speed check
+        while _shards(out) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        codes.append(proc.wait())
+        assert proc.returncode in (-signal.SIGKILL, 0), proc.stderr.read().decode()
+        proc.stderr.close()
+    assert -signal.SIGKILL in codes, f"no run was killed before it finished (targets {targets})"
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not list(out.glob(".shard-*")), "temporaries of killed writes are left behind"
+    rows = shard_rows(out)
+    assert sorted(r["image"] for r in rows) == sorted(images) and len(rows) == len(images)
+    assert_same_rows(rows, reference)
+
+
+def _rank_worker(rank: int, world: int, port: int, argv: list[str], folder: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    code, _, _ = run(argv)
+    Path(folder, f"rank{rank}.code").write_text(str(code))
+
+
+def test_two_gloo_ranks_write_the_shards_of_one_process(setup, tmp_path):
+    spec, images, reference = setup
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = label_argv(spec, images, out, "--shard-size", "4")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    workers = mp.start_processes(_rank_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False,
+                                 start_method=method)
+    for _ in range(60):  # a hang guard, not a speed check
+        if workers.join(timeout=5):
+            break
+    else:
+        for process in workers.processes:
+            process.kill()
+        pytest.fail("label ranks still running after 5 minutes")
+    assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
+    assert_same_rows(shard_rows(out), reference)
+
+
+def test_shard_parts_write_the_shards_of_one_process(setup, tmp_path, capsys):
+    spec, images, reference = setup
+    out = tmp_path / "out"
+    for i in (2, 0, 1):
+        code, stdout, err = run(label_argv(spec, images, out, "--shard-size", "4", "--shard", f"{i}/3"), capsys)
+        assert code == 0, err
+        assert f"in {len(range(i, 8, 3))} shard(s)" in stdout
+    assert_same_rows(shard_rows(out), reference)
