@@ -108,9 +108,11 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
             raise BadInput(f"vocab: not valid JSON or YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict) or not data:
             raise BadInput('vocab: expected a mapping of class names, e.g. {"dog": {"prompts": ["dog", "puppy"]}}')
-        vocab = Vocabulary.from_dict(data, where="vocab")
-        if any(c.exemplars for c in vocab.classes) and not allow_paths:
+        # Before parsing, which reads the exemplar files: without --allow-paths a request must not
+        # learn even whether a server path exists.
+        if not allow_paths and any(isinstance(v, dict) and "exemplars" in v for v in data.values()):
             raise BadInput("vocab: exemplars name image files on the server; start it with --allow-paths to use them")
+        vocab = Vocabulary.from_dict(data, where="vocab")
         if len(vocab.classes) > limits.max_labels:
             raise TooLarge(f"{len(vocab.classes)} classes, more than the server's limit of {limits.max_labels}")
         return vocab
