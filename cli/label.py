@@ -25,6 +25,8 @@ def label(
                                                   show_default=False)] = None,
     labels_file: Annotated[Optional[Path], typer.Option(help="Vocabulary file, one label per line.",
                                                         show_default=False)] = None,
+    vocab_file: O.VocabFile = None,
+    exemplar: O.Exemplar = None,
     shard_size: Annotated[int, typer.Option(help="Images per shard file (the unit of resuming).")] = 1000,
     shard: Annotated[Optional[str], typer.Option("--shard", help=(
         "i/N: write only part i of N of the shards (SLURM arrays, other launchers)."), show_default=False)] = None,
@@ -43,7 +45,8 @@ def label(
     workers: Annotated[int, typer.Option(help="Processes decoding images ahead of the model.")] = 2,
     flags: O.ModelFlags = None,
 ) -> None:
-    """Label every image of SOURCES with --labels into Parquet shards under --out; run it again to resume.
+    """Label every image of SOURCES with --labels (or --vocab / --exemplar) into Parquet shards under --out;
+    run it again to resume.
 
     Undecodable images are recorded with their reason and the rest go on; the exit is non-zero
     at the end unless --allow-failures. Under torchrun each rank writes its own shards.
@@ -57,8 +60,9 @@ def label(
     O.check_positive("--shard-size", shard_size)
     part, (rank, world) = parse_part(shard), env_rank()
     vocab = read_labels(labels, labels_file)
+    classes = O.resolve_vocab(vocab, vocab_file, exemplar)  # None: plain labels
     cfg = O.resolve_config(flags)
-    vocab = vocab or list(cfg.labels)
+    vocab = classes if classes is not None else vocab or list(cfg.labels)
     identity = {"model": model_identity(cfg, flags.model), "scoring": scoring_identity(cfg, scoring)}
     args = dict(identity=identity, shard_size=shard_size, part=part, rank=rank, world=world, overwrite=overwrite,
                 embeddings=embeddings, batch_size=batch_size, num_workers=workers, scoring=scoring)

@@ -270,3 +270,32 @@ def test_embeddings_are_stored_fp16_per_box(tmp_path, tiny_spec, images, capsys)
         assert emb.shape == (len(r["boxes_xyxy"]), 32)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
     assert json.loads((out / "manifest.json").read_text())["embeddings"] is True
+
+
+def test_label_takes_a_vocabulary_file_and_resumes_only_with_the_same_one(tmp_path, tiny_spec, images, capsys):
+    """--vocab (synonyms, negatives, per-class thresholds): the shards hold what the predictor gives
+    for that vocabulary, the manifest records it, and a changed file is another run (exit 2)."""
+    from regionclip.predictor import Predictor
+    from regionclip.vocabulary import Vocabulary
+
+    spec = {"red circle": {"prompts": ["red circle", "red disc"]}, "green square": {"negatives": ["blue square"]}}
+    vocab = tmp_path / "vocab.yaml"
+    vocab.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    argv = label_argv(tiny_spec, images[:4], out, "--shard-size", "4")
+    argv[argv.index("--labels"):argv.index("--labels") + 2] = ["--vocab", str(vocab)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vocabulary"] == ["red circle", "green square"]
+    assert manifest["vocabulary_spec"]["classes"]["green square"]["negatives"] == ["blue square"]
+    net = Predictor.from_pretrained(tiny_spec, device="cpu")
+    want = net.detect(images[:4], vocab=Vocabulary.from_dict(spec), score_threshold=0.0, max_detections=5)
+    rows = shard_rows(out)
+    for row, d in zip(rows, want):
+        assert row["labels"] == d.names
+        np.testing.assert_allclose(np.asarray(row["scores"], np.float32), d.scores.numpy(), atol=1e-5)
+    spec["red circle"]["threshold"] = 0.9
+    vocab.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "vocabulary_spec differs" in err, err

@@ -83,18 +83,21 @@ class Job:
     out: Path
     items: list
     todo: list[Shard]
-    vocabulary: list[str]
+    vocabulary: list[str] | Vocabulary  # what Predictor.stream takes: the names, or the --vocab classes
     summary: LabelSummary
 
 
-def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str], out: str | os.PathLike, *, identity: dict,
+def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str] | Vocabulary, out: str | os.PathLike, *, identity: dict,
             shard_size: int = 1000, part: tuple[int, int] = (0, 1), rank: int = 0, world: int = 1,
             overwrite: bool = False, embeddings: bool = False) -> Job:
     """Every check that needs no model, then the manifest and this process's unfinished shards
     (see ``label_images``; the Ray engine starts from here too)."""
     store.require_pyarrow()
     out = check_output_dir(out, "--out")
-    vocab = [str(s) for s in labels]
+    from ..vocabulary import Vocabulary
+
+    spec = labels if isinstance(labels, Vocabulary) else None  # --vocab / --exemplar
+    vocab = spec.names if spec is not None else [str(s) for s in labels]
     if not vocab:
         raise BadInput('no labels given: pass --labels "dog,cat" or --labels-file vocab.txt (one per line)')
     items, problems = expand_sources(sources)
@@ -102,7 +105,8 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str], out: st
         raise BadImage("no images to label: " + "; ".join(problems))
     keys = [str(it) for it in items]
     shards = plan(len(items), shard_size)
-    manifest = {**identity, "vocabulary": vocab, "embeddings": bool(embeddings), "shard_size": int(shard_size),
+    manifest = {**identity, "vocabulary": vocab,
+                "vocabulary_spec": spec.to_manifest() if spec is not None else None, "embeddings": bool(embeddings), "shard_size": int(shard_size),
                 "images": len(items), "shards": len(shards), "sources_sha256": store.sources_sha256(keys),
                 "sources": [str(s) for s in sources]}
     old = store.read_manifest(out) if not overwrite else None
@@ -128,12 +132,12 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str], out: st
     for s in todo:  # what a killed write left (atomic_path cleans up after anything but SIGKILL)
         for tmp in out.glob(f".{s.name}.*.tmp"):
             tmp.unlink(missing_ok=True)
-    return Job(out, items, todo, vocab, summary)
+    return Job(out, items, todo, spec if spec is not None else vocab, summary)
 
 
 def label_images(
     sources: Sequence[str | os.PathLike],
-    labels: Sequence[str],
+    labels: Sequence[str] | Vocabulary,
     build: Callable[[], object],
     out: str | os.PathLike,
     *,
