@@ -316,9 +316,11 @@ def test_ci_runs_the_readme_commands():
     readme = [b for b in BLOCKS if b.page.name == "README.md" and b.language == "bash"]
     install, tests = readme[0], readme[1]
     ci = (ROOT / ".ci/run").read_text().splitlines()
-    (test_command,) = commands(tests.code)
+    *_, test_command = commands(tests.code)
     assert shlex.join(test_command) == "python -m pytest -q" and "python -m pytest -q" in ci
-    extras = re.search(r'"\.\[([\w,-]+)\]"', install.code).group(1)
+    # The first command stays lean (the base install); the test command installs dev first.
+    assert re.search(r"pip install -e \.( |$)", install.code), install.code
+    extras = re.search(r'"\.\[([\w,-]+)\]"', tests.code).group(1)
     assert any(f'-e ".[{extras}]"' in line and "pip install" in line for line in ci), ci
     assert any(line.split("#")[0].strip().endswith("mkdocs build --strict --site-dir site") for line in ci), ci
     dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]

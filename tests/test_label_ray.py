@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install regio
 from test_label import assert_same_rows, label_argv, make_images, run, save_tiny, shard_rows  # noqa: E402
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_engine_writes_the_plain_engines_shards_and_resumes(tmp_path, capsys):
     spec = save_tiny(tmp_path / "model")
     images = make_images(tmp_path / "imgs", 10)
