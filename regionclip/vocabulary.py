@@ -330,34 +330,31 @@ class Vocabulary:
 
     def to_manifest(self) -> dict:
         """A JSON-able description (what a results manifest records to reproduce the run)."""
-        out = {}
-        for c in self.classes:
-            entry: dict = {}
-            if c.prompts:
-                entry["prompts"] = list(c.prompts)
-            if c.exemplars:
-                entry["exemplars"] = [e.to_manifest() for e in c.exemplars]
-            if c.negatives:
-                entry["negatives"] = list(c.negatives)
-            if c.threshold is not None:
-                entry["threshold"] = c.threshold
-            out[c.name] = entry
-        return {"classes": out, "exemplar_weight": EXEMPLAR_WEIGHT}
+        return {"classes": self._entries(lambda e: e.to_manifest(), lambda t: t), "exemplar_weight": EXEMPLAR_WEIGHT}
 
     def to_yaml_dict(self) -> dict:
-        """``{name: settings}`` as a vocabulary file writes it (exemplars as IMAGE:x1,y1,x2,y2)."""
+        """``{name: settings}`` as a vocabulary file writes it (exemplars as IMAGE:x1,y1,x2,y2;
+        precomputed exemplar embeddings have no file form and are left out)."""
+        return self._entries(
+            lambda e: None if e.embedding is not None else
+            f"{Path(e.image).resolve()}:" + ",".join(f"{v:g}" for v in e.box_xyxy),
+            lambda t: round(float(t), 6))
+
+    def _entries(self, exemplar, threshold) -> dict:
+        """``{name: {prompts, exemplars, negatives, threshold}}`` with only what a class sets;
+        ``exemplar(e)`` / ``threshold(t)`` write those two (an exemplar written as None is left out)."""
         out = {}
         for c in self.classes:
             entry: dict = {}
             if c.prompts:
                 entry["prompts"] = list(c.prompts)
-            if c.exemplars:
-                entry["exemplars"] = [f"{Path(e.image).resolve()}:" + ",".join(f"{v:g}" for v in e.box_xyxy) for e in c.exemplars
-                                      if e.embedding is None]
+            exemplars = [x for x in map(exemplar, c.exemplars) if x is not None]
+            if exemplars:
+                entry["exemplars"] = exemplars
             if c.negatives:
                 entry["negatives"] = list(c.negatives)
             if c.threshold is not None:
-                entry["threshold"] = round(float(c.threshold), 6)
+                entry["threshold"] = threshold(c.threshold)
             out[c.name] = entry
         return out
 
