@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-side", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the three runs, taken in turn")
+    parser.add_argument("--runs", default="model,workers,inline",
+                        help="which of the three runs (a subset prints only their lines; ratios need model)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup + 1:
@@ -87,12 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
             with mock.patch("regionclip.train.loop.CocoDetection", InMemory if in_memory else CocoDetection):
                 return _step_seconds(cfg, args.warmup)
 
-        times: dict[str, list[float]] = {"model": [], "workers": [], "inline": []}
+        runs = {"model": lambda: run("model", 0, in_memory=True), "workers": lambda: run("workers", args.workers),
+                "inline": lambda: run("inline", 0)}
+        wanted = [k for k in runs if k in args.runs.split(",")]
+        times: dict[str, list[float]] = {k: [] for k in wanted}
         for _ in range(args.repeats):
-            times["model"].append(run("model", 0, in_memory=True))
-            times["workers"].append(run("workers", args.workers))
-            times["inline"].append(run("inline", 0))
-        model_only, overlapped, inline = (statistics.median(times[k]) for k in ("model", "workers", "inline"))
+            for k in wanted:
+                times[k].append(runs[k]())
+        median = {k: statistics.median(v) for k, v in times.items()}
+        model_only, overlapped, inline = (median.get(k, float("nan")) for k in ("model", "workers", "inline"))
 
     result = {
         "device": "cpu", "torch_threads": torch.get_num_threads(), "stage": first.out_dir.rsplit("/", 1)[-1],
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{'loading':<16}{'s/step':>8}{'x model only':>14}")
     for name, seconds in (("model only", model_only), (f"workers {args.workers}", overlapped), ("workers 0", inline)):
-        print(f"{name:<16}{seconds:>8.3f}{seconds / model_only:>14.3f}")
+        if seconds == seconds:  # a run left out is NaN
+            print(f"{name:<16}{seconds:>8.3f}{seconds / model_only:>14.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
