@@ -4,15 +4,21 @@ short; the figures come from a full run: this only keeps the script working)."""
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from conftest import shrink_before_fork
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loading.py"
 
 
 @pytest.mark.slow
-def test_bench_loading_reports_ratios(tmp_path, capsys):
+def test_bench_loading_reports_ratios(tmp_path, capsys, monkeypatch):
+    # The script's scratch folder (its data set and 110 MB checkpoints) goes where tmp_path is.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shrink_before_fork()  # its loader forks a worker
     spec = importlib.util.spec_from_file_location("bench_loading", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -23,6 +23,7 @@ from regionclip.atomic import atomic_torch_save as atomic_save
 from regionclip.errors import BadOutput
 from regionclip.train.state import load_checkpoint
 from regionclip.weights import register_clip_config
+from conftest import shrink_before_fork
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -228,6 +229,7 @@ def _run_two_ranks(worker, port: int, cfg: TrainConfig, tmp_path) -> None:
     # Forked workers skip the fresh interpreter's imports (seconds each on a loaded machine); they
     # set one torch thread before any work, so the parent's OpenMP pool is never used after fork.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    shrink_before_fork()
     workers = mp.start_processes(worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=False,
                                  start_method=method)
     for _ in range(120):  # a hang guard, not a speed check: a deadlocked run fails after 10 minutes
