@@ -61,6 +61,24 @@ def shrink_before_fork() -> None:
         pass
 
 
+def run_ranks(worker, args: tuple, nprocs: int = 2, minutes: int = 10) -> None:
+    """``worker(rank, *args)`` in ``nprocs`` processes; wait for all, fail (killing them) after
+    ``minutes``: a hang guard, not a speed check. Forked where the platform can: the workers skip
+    a fresh interpreter's imports (seconds each on a loaded machine); each sets one torch thread
+    before any work, so the parent's OpenMP pool is never used after the fork."""
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    shrink_before_fork()
+    workers = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method=method)
+    for _ in range(minutes * 12):
+        if workers.join(timeout=5):
+            return
+    for process in workers.processes:
+        process.kill()
+    pytest.fail(f"{nprocs} worker processes still running after {minutes} minutes")
+
+
 # Tiny open_clip architectures; the text side keeps the standard tokenizer (vocab 49408, ctx 77).
 TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
 TINY_CONFIGS = {

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("pyarrow")
 
-from conftest import shrink_before_fork  # noqa: E402
+from conftest import run_ranks, shrink_before_fork  # noqa: E402
 from test_label import assert_same_rows, label_argv, make_images, run, save_tiny, shard_rows  # noqa: E402
 
 
@@ -98,17 +98,7 @@ def test_two_gloo_ranks_write_the_shards_of_one_process(setup, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = label_argv(spec, images, out, "--shard-size", "3")
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    shrink_before_fork()
-    workers = mp.start_processes(_rank_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False,
-                                 start_method=method)
-    for _ in range(60):  # a hang guard, not a speed check
-        if workers.join(timeout=5):
-            break
-    else:
-        for process in workers.processes:
-            process.kill()
-        pytest.fail("label ranks still running after 5 minutes")
+    run_ranks(_rank_worker, (2, port, argv, str(tmp_path)), minutes=5)
     assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
     assert_same_rows(shard_rows(out), reference)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
 from regionclip import RegionCLIP
@@ -23,7 +22,7 @@ from regionclip.atomic import atomic_torch_save as atomic_save
 from regionclip.errors import BadOutput
 from regionclip.train.state import load_checkpoint
 from regionclip.weights import register_clip_config
-from conftest import shrink_before_fork
+from conftest import run_ranks
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -226,19 +225,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) ->
 
 def _run_two_ranks(worker, port: int, cfg: TrainConfig, tmp_path) -> None:
     """Run ``worker(rank, 2, port, cfg, tmp_path)`` in two processes and wait for both."""
-    # Forked workers skip the fresh interpreter's imports (seconds each on a loaded machine); they
-    # set one torch thread before any work, so the parent's OpenMP pool is never used after fork.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    shrink_before_fork()
-    workers = mp.start_processes(worker, args=(2, port, cfg, str(tmp_path)), nprocs=2, join=False,
-                                 start_method=method)
-    for _ in range(120):  # a hang guard, not a speed check: a deadlocked run fails after 10 minutes
-        if workers.join(timeout=5):
-            break
-    else:
-        for process in workers.processes:
-            process.kill()
-        pytest.fail("DDP workers still running after 10 minutes")
+    run_ranks(worker, (2, port, cfg, str(tmp_path)))
 
 
 def test_ddp_two_processes_match_single(tiny_shapes, tmp_path):
