@@ -31,17 +31,29 @@ def _scratch_in_memory(root: str = "/dev/shm", need_gb: float = 4.0) -> None:
 
 _scratch_in_memory()
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
-import torch
 
-from regionclip import RegionCLIP
-from regionclip.weights import register_clip_config
+if TYPE_CHECKING:
+    from regionclip import RegionCLIP
 
-# pytest-xdist runs the suite in two worker processes (pyproject's addopts): one torch thread each
-# keeps the two cores busy without four threads fighting over them.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+
+def pytest_configure(config) -> None:
+    """Torch is imported where tests run: in each xdist worker, or in a run without workers
+    (``-n 0``). xdist's controller only hands tests out, and importing torch, torchvision and
+    regionclip there cost it 4 s of CPU at every start."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker or not config.getoption("numprocesses", None):
+        import torch
+
+        from regionclip.weights import register_clip_config
+
+        for name, cfg in TINY_CONFIGS.items():
+            register_clip_config(name, cfg)
+        if worker:  # two workers (pyproject's addopts): one thread each keeps both cores busy
+            torch.set_num_threads(1)
 
 
 def shrink_before_fork() -> None:
@@ -94,14 +106,18 @@ TINY_CONFIGS = {
         "text_cfg": TINY_TEXT,
     },
 }
-for _name, _cfg in TINY_CONFIGS.items():
-    register_clip_config(_name, _cfg)
-
 TINY_DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
+TINY_PROPOSALS = {"box_head_width": 16}
 
 
 def tiny_model(arch: str = "vit", mode: str = "crop", seed: int = 0, **overrides) -> RegionCLIP:
-    """A random-initialised tiny RegionCLIP on the CPU, deterministic for a seed."""
+    """A random-initialised tiny RegionCLIP on the CPU, deterministic for a seed. Its detector's
+    second stage is 16 wide (``TINY_PROPOSALS``): torchvision's 1024 holds 12.8M of the detector's
+    19M weights, which every save, load and hash of a test model would pay for."""
+    import torch
+
+    from regionclip import RegionCLIP
+
     torch.manual_seed(seed)
     return RegionCLIP(
         clip_model="test-vit-tiny" if arch == "vit" else "test-rn-tiny",
@@ -109,7 +125,7 @@ def tiny_model(arch: str = "vit", mode: str = "crop", seed: int = 0, **overrides
         detector=TINY_DETECTOR,
         detector_weights="none",
         mode=mode,
-        **{"device": "cpu", **overrides},
+        **{"device": "cpu", **overrides, "proposals": {**TINY_PROPOSALS, **overrides.get("proposals", {})}},
     )
 
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_DETECTOR, shapes_image, tiny_model
+from conftest import TINY_DETECTOR, TINY_PROPOSALS, shapes_image, tiny_model
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -31,7 +31,8 @@ def save_tiny(folder) -> str:
     tiny_model().save(ckpt)
     spec.write_text(yaml.safe_dump({"clip_model": "test-vit-tiny", "clip_pretrained": "none", "detector": TINY_DETECTOR,
                                     "detector_weights": "none", "checkpoint": str(ckpt), "mode": "crop",
-                                    "device": "cpu", "regions": {"box_refinement": False}}))
+                                    "device": "cpu", "regions": {"box_refinement": False},
+                                    "proposals": TINY_PROPOSALS}))
     return str(spec)
 
 
