@@ -29,6 +29,7 @@ from regionclip.errors import BadConfig, RegionClipError, WeightsUnavailable  # 
 from regionclip.onnx import OnnxDetector, OnnxUnavailable, export_onnx, ops  # noqa: E402
 from regionclip.predictor import Predictor  # noqa: E402
 from regionclip.onnx.tokenizer import ClipTokenizer  # noqa: E402
+from regionclip_cli.main import main  # noqa: E402
 
 # (h, w): square, landscape, portrait, larger than the demo's input_max_side (640: reduced on
 # decoding), a strip; all through the one export.
@@ -41,9 +42,14 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def exported(demo, tmp_path_factory):
+def exported(tmp_path_factory):
+    """The demo's export, once for the module, by ``regionclip export`` (2 s a time); the API's
+    ``export_onnx`` is the tiny models' below and docs/onnx.md's."""
     folder = tmp_path_factory.mktemp("demo_onnx")
-    export_onnx(demo, folder)
+    try:
+        main(["export", "--model", "demo", "--format", "onnx", "--out", str(folder)])
+    except SystemExit as exc:
+        assert not exc.code, f"regionclip export exited {exc.code}"
     return folder
 
 
@@ -279,12 +285,10 @@ def test_missing_or_swapped_graph_is_one_line(exported, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and "manifest.json" in lines[0] and "preset.yaml" in lines[0], err
 
 
-def test_cli_export_then_detect(demo, tmp_path, capsys):
+def test_cli_export_then_detect(demo, exported, tmp_path, capsys):
     img = tmp_path / "img.png"
     cv2.imwrite(str(img), shapes(2, (256, 256))[:, :, ::-1])
-    out = tmp_path / "export"
-    code, stdout, err = run(["export", "--model", "demo", "--format", "onnx", "--out", str(out)], capsys)
-    assert code == 0, err
+    out = exported
     written = {p.name for p in out.iterdir()}
     assert {"proposals.onnx", "regions.onnx", "text.onnx", "scoring.onnx", "manifest.json"} <= written
     code, stdout, err = run(["detect", str(img), "--model", str(out), "--labels", ",".join(CATEGORIES),
