@@ -9,6 +9,7 @@ may carry a box head and a learned background embedding besides the two towers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from .detectron2_rpn import build_rpn_detector
 from .config import ModelConfig, to_dict
 from .errors import BadConfig, WeightsUnavailable
 from .proposals import HEAD_PREFIXES, build_detector
+from .skip_init import skip_init
 
 CHECKPOINT_FORMAT = "regionclip/1"
 _IMPORT_HINT = ("convert RegionCLIP's released files first: regionclip import WEIGHTS RPN --out DIR "
@@ -54,7 +56,11 @@ def load_parts(cfg: ModelConfig) -> Parts:
     # OpenAI's CLIPs were trained with QuickGELU, which open_clip's plain names (RN50,
     # ViT-B-16) do not build: take the activation from the weights' tag.
     tag = W.pretrained_cfg(cfg.clip_model, cfg.clip_pretrained)
-    clip = create_clip(cfg.clip_model, quick_gelu=bool(tag.get("quick_gelu")))
+    # open_clip's strict load of a weights file replaces every weight: none is drawn first (its
+    # big_vision .npz reader checks nothing, so those are built as usual).
+    whole = clip_res.path is not None and Path(clip_res.path).suffix not in (".npz", ".npy")
+    with skip_init() if whole else contextlib.nullcontext():
+        clip = create_clip(cfg.clip_model, quick_gelu=bool(tag.get("quick_gelu")))
     if clip_res.path is not None:
         try:
             open_clip.load_checkpoint(clip, str(clip_res.path), weights_only=True)
@@ -93,7 +99,8 @@ def load_checkpoint(cfg: ModelConfig) -> Parts:
         # The checkpoint's own architecture wins: two checkpoints may use one name for different
         # shapes (the demo model's tiny CLIP before and after a retrain), in one process.
         W.register_clip_config(cfg.clip_model, {k: v for k, v in arch.items() if k != "quick_gelu"})
-    clip = create_clip(cfg.clip_model, quick_gelu=bool(arch.get("quick_gelu")))
+    with skip_init():  # the strict load below replaces every weight
+        clip = create_clip(cfg.clip_model, quick_gelu=bool(arch.get("quick_gelu")))
     try:
         clip.load_state_dict(_float(ckpt["clip"]))
     except RuntimeError:

@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +34,7 @@ from .proposals import ProposalStage
 from .regions import build_region_encoder
 from .runtime import autocast_for, resolve_device
 from .scoring import region_logits
-from .text import ENSEMBLES
+from .text import ENSEMBLES, tokenizer_for
 
 
 class RegionCLIPModel(nn.Module):
@@ -91,7 +90,7 @@ class RegionCLIPModel(nn.Module):
                                      f"the CLIP embeds to {dim}")
         self.register_buffer("background_embedding", parts.background, persistent=False)
         self.text = ENSEMBLES[cfg.text.ensemble](
-            clip.encode_text, open_clip.get_tokenizer(cfg.clip_model), cfg.text.templates,
+            clip.encode_text, tokenizer_for(cfg.clip_model), cfg.text.templates,
             model_key=parts.clip_key, device=self.device, chunk_size=cfg.text.chunk_size,
             cache_dir=cfg.text.cache_dir,
         )

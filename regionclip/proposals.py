@@ -8,6 +8,7 @@ multiplies by the logit, and a sigmoid in fp32 is exactly 1 above a logit of abo
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 from .config import ProposalConfig
 from .errors import BadInput, WeightsUnavailable
 from .objectness import OBJECTNESS, centerness_loss, ignore_negatives, near_ignore
+from .skip_init import skip_init
 from .weights import Resolved, load_state
 
 SOURCES = ("rpn", "refined", "final")
@@ -52,21 +54,25 @@ def build_detector(resolved: Resolved, state: dict | None = None, head_width: in
         num_classes = cls.shape[0] if cls is not None else 2
         fc6 = state.get("roi_heads.box_head.fc6.weight")
         head_width = int(fc6.shape[0]) if fc6 is not None else head_width
-    model = torchvision.models.get_model(
-        resolved.model, weights=None, weights_backbone=None, num_classes=num_classes
-    )
-    if head_width is not None and head_width != model.roi_heads.box_head.fc7.out_features:
-        # torchvision's builders fix the width at 1024: 12.8M of a MobileNet detector's 19M weights.
-        pooled = model.roi_heads.box_roi_pool.output_size
-        side = pooled if isinstance(pooled, int) else pooled[0]
-        model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * side * side, head_width)
-        model.roi_heads.box_predictor = FastRCNNPredictor(head_width, num_classes)
+    # Weights that the state replaces are not drawn first; without a second stage in the state,
+    # that one keeps its random init (and so does everything, to keep the random stream as it was).
+    whole = state is not None and any(k.startswith(HEAD_PREFIXES) for k in state)
+    with skip_init() if whole else contextlib.nullcontext():
+        model = torchvision.models.get_model(
+            resolved.model, weights=None, weights_backbone=None, num_classes=num_classes
+        )
+        if head_width is not None and head_width != model.roi_heads.box_head.fc7.out_features:
+            # torchvision's builders fix the width at 1024: 12.8M of a MobileNet detector's 19M weights.
+            pooled = model.roi_heads.box_roi_pool.output_size
+            side = pooled if isinstance(pooled, int) else pooled[0]
+            model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * side * side, head_width)
+            model.roi_heads.box_predictor = FastRCNNPredictor(head_width, num_classes)
     if state is not None:
         try:
             # regionclip saves RPN-only detectors without the box head (see RegionCLIP.save);
             # anything else missing is a wrong checkpoint.
             result = model.load_state_dict(state, strict=False)
-            missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+            missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES) or whole]
             if missing or result.unexpected_keys:
                 raise RuntimeError(f"Error(s) in loading state_dict:\n  missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
             model.has_box_head = not result.missing_keys

@@ -11,11 +11,14 @@ keep the full-context path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
@@ -28,6 +31,23 @@ from .labels import check_labels  # also importable from here, as before
 
 # Pools that read one token at or before the end of text; "last" and "none" read the padding too.
 _SHORT_POOLS = ("argmax", "eos", "first")
+
+
+def tokenizer_for(clip_model: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for an architecture, built once per process and shared by its models:
+    reading the BPE merges takes 75 ms, which every model built paid again (each server or Ray
+    actor start, the test suite's 200 models). Keyed by the architecture's text settings as well,
+    so a name registered again with others gets its own; hub and local-dir names are not cached
+    (finding their settings may read files)."""
+    if ":" in clip_model:
+        return open_clip.get_tokenizer(clip_model)
+    text_cfg = (open_clip.get_model_config(clip_model) or {}).get("text_cfg", {})
+    return _tokenizer(clip_model, json.dumps(text_cfg, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer(clip_model: str, text_cfg: str) -> Callable[[list[str]], torch.Tensor]:
+    return open_clip.get_tokenizer(clip_model)
 
 
 def ensemble(prompt_embeddings: torch.Tensor) -> torch.Tensor:
