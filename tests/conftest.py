@@ -14,9 +14,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def _scratch_in_memory(root: str = "/dev/shm", need_gb: float = 4.0) -> None:
     """Put pytest's tmp_path folders on a tmpfs when the user has not chosen a temp folder.
 
-    The training tests write 110 MB checkpoints, several a test; on this project's machine
-    (ext4 on a virtual disk) test_train.py spent 17.7 s of CPU in the kernel writing them, 4.8 s
-    on /dev/shm; the whole suite went from 176 s to 154 s (2026-12-06). pytest's
+    The training tests write checkpoints of 55 MB, several a test. When they were 110 MB, on this
+    project's machine (ext4 on a virtual disk) test_train.py spent 17.7 s of CPU in the kernel
+    writing them, 4.8 s on /dev/shm; the whole suite went from 176 s to 154 s (2026-12-06). pytest's
     tmp_path_retention_policy ("failed", pyproject) removes a passed test's folder at once, so
     little memory stays in use (1.4 GB at the peak of a run)."""
     if os.environ.get("PYTEST_DEBUG_TEMPROOT") or os.environ.get("TMPDIR"):
