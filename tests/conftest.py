@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 # Before torch loads OpenMP: its worker threads then sleep at barriers instead of spinning.
 # On a machine where another process holds the cores, spinning threads starve the one doing
@@ -30,8 +31,6 @@ def _scratch_in_memory(root: str = "/dev/shm", need_gb: float = 4.0) -> None:
 
 
 _scratch_in_memory()
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
