@@ -37,11 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_up(url: str, proc: subprocess.Popen, seconds: float) -> None:
+# Start-up failures seen from Label Studio's own dependencies: (text in its log, the package, the remedy).
+KNOWN_BREAKS = [("Unknown option 'send_default_pii'", "sentry-sdk",
+                 "sentry-sdk 3 breaks Label Studio 1.23.2: install with -c .ci/labelstudio-constraints.txt (sentry-sdk<3)")]
+
+
+def exit_reason(log: Path | None) -> str:
+    """Why Label Studio died, from its log: a known broken dependency by name, else the log's last line."""
+    text = log.read_text(errors="replace") if log is not None and log.is_file() else ""
+    for needle, package, remedy in KNOWN_BREAKS:
+        if needle in text:
+            return f"{package} broke it: {remedy}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no log"
+
+
+def wait_up(url: str, proc: subprocess.Popen, seconds: float, log: Path | None = None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited ({proc.returncode})")
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}): {exit_reason(log)}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2):
                 return
@@ -67,7 +82,7 @@ def label_studio(tmp_path_factory):
                             stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_up(url, proc, 240)
+        wait_up(url, proc, 240, data / "label-studio.log")
         _enable_legacy_tokens(url)
         yield url
     finally:
