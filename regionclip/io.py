@@ -101,6 +101,11 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
+# What Pillow raises for a file that is not (or not wholly) an image; the bomb error is past twice
+# MAX_IMAGE_PIXELS, raised from the header.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _open(path: Path) -> Image.Image:
     if not path.exists():
         raise BadImage(f"{path}: no such file")
@@ -110,8 +115,31 @@ def _open(path: Path) -> Image.Image:
         raise BadImage(f"{path}: file is empty")
     try:
         return Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
+
+
+def _check_budget(path, img: Image.Image) -> None:
+    """Refuse, from the header, an image that would decode whole above ``max_full_decode_pixels``."""
+    w, h = img.size
+    budget = max_full_decode_pixels()
+    if w * h > budget:
+        raise BadImage(f"{path}: {w}x{h} ({w * h / 1e6:.0f} MP) {img.format or 'image'} is above the "
+                       f"{budget / 1e6:.0f} MP that decode at full size (only JPEGs decode reduced); "
+                       f"raise it with {MAX_PIXELS_ENV}=N or pass a smaller or JPEG copy")
+
+
+def header_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be decoded, from its header alone (no pixel is decoded); None when it
+    opens as an image within the pixel budget (JPEGs decode reduced, so any size passes). A file
+    that passes can still fail to decode later (a truncated body)."""
+    try:
+        with _open(Path(path)) as img:
+            if img.format != "JPEG":
+                _check_budget(path, img)
+    except BadImage as exc:
+        return str(exc)
+    return None
 
 
 def _decode(path: Path, max_side: int | None, opened: Image.Image | None = None) -> LoadedImage:
@@ -123,11 +151,8 @@ def _decode(path: Path, max_side: int | None, opened: Image.Image | None = None)
         with img:
             w, h = img.size
             jpeg_draft = max_side is not None and max(w, h) > max_side and img.format == "JPEG"
-            budget = max_full_decode_pixels()
-            if not jpeg_draft and w * h > budget:  # checked from the header, before any pixel decodes
-                raise BadImage(f"{path}: {w}x{h} ({w * h / 1e6:.0f} MP) {img.format or 'image'} is above the "
-                               f"{budget / 1e6:.0f} MP that decode at full size (only JPEGs decode reduced); "
-                               f"raise it with {MAX_PIXELS_ENV}=N or pass a smaller or JPEG copy")
+            if not jpeg_draft:
+                _check_budget(path, img)  # from the header, before any pixel decodes
             if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the axes
                 h, w = w, h
             if jpeg_draft:
@@ -135,7 +160,7 @@ def _decode(path: Path, max_side: int | None, opened: Image.Image | None = None)
                 img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
             img.load()
             pixels = _pil_to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise BadImage(f"{path}: not a readable image ({type(exc).__name__})") from None
     return LoadedImage(pixels, (h, w))
 

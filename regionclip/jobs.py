@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import BadAnnotations, BadImage, BadInput
-from .io import expand_inputs
+from .io import expand_inputs, header_problem
 from .outputs import annotated_paths, atomic_write_text, check_output_dir, check_output_file, relative_paths
 from .predictor import Prediction
 from .results import dumps_records
@@ -74,6 +74,7 @@ def detect_files(
     paths, problems = expand_inputs(inputs)
     if not paths:
         raise BadImage("no images to process: " + "; ".join(problems))
+    _check_one_readable(paths, problems)
     targets = annotated_paths(paths, save_dir) if save_dir is not None else None
     summary = DetectSummary(images=len(paths), problems=problems, json_out=Path(json_out) if json_out else None)
     if vocab is not None:
@@ -109,6 +110,19 @@ def detect_files(
     if json_out is not None:
         atomic_write_text(json_out, dumps_records(summary.records))
     return summary
+
+
+def _check_one_readable(paths: list[Path], problems: list[str]) -> None:
+    """Raise ``BadImage`` (before any model loads) when no image's header reads: not images, or
+    refused for their size. Headers are read until one passes, so a run of good images costs one."""
+    reasons = []
+    for path in paths:
+        reason = header_problem(path)
+        if reason is None:
+            return
+        reasons.append(reason)
+    listed = "; ".join(problems + reasons[:3]) + (f"; {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    raise BadImage(listed if len(reasons) == 1 and not problems else f"no image can be read: {listed}")
 
 
 def _ids(annotations, paths: list[Path], vocab: list[str], warnings: list[str]) -> tuple[list[str], list[int], dict | None]:

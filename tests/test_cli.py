@@ -81,6 +81,22 @@ def test_bad_files_are_reported_and_skipped(img_dir, tmp_path, capsys):
     assert images == {str(img_dir / "a.jpg"), str(img_dir / "b.png")}  # the good ones are not lost
 
 
+def test_no_readable_input_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A file that is not an image, or a PNG refused from its header as too large: one line, no
+    tables, the model never built (as for a missing file)."""
+    import regionclip_cli.options as O
+    from test_large_images import _png_header_only
+
+    monkeypatch.setattr(O, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    fake, big = tmp_path / "fake.jpg", tmp_path / "big.png"
+    fake.write_text("not an image")
+    _png_header_only(big, 20_000, 15_000)
+    for inputs, expect in (([fake], "fake.jpg: not a readable image"), ([big], "300 MP) PNG is above"),
+                           ([fake, big], "no image can be read: ")):
+        code, out, err = run(["detect", *map(str, inputs), "--labels", "dog", *TINY], capsys)
+        assert code == 3 and out == "" and len(err.strip().splitlines()) == 1 and expect in err, (code, out, err)
+
+
 @pytest.mark.parametrize("case,expect", [
     ("empty_labels", "no labels given"),
     ("empty_dir", "no images"),
