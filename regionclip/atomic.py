@@ -1,9 +1,9 @@
-"""Atomic file writes: a temporary file beside the target, then ``os.replace``.
+"""Atomic file writes: a temporary file beside the target, fsync, ``os.replace``, fsync of the folder.
 
-A reader never sees half a file, an interrupted write (an exception, Ctrl-C, a full disk)
-leaves the previous file in place, and the temporary is removed whatever happens. Every
-writer in the library goes through ``atomic_path``: checkpoints, ONNX graphs, manifests,
-the text-embedding cache, JSON outputs.
+A reader never sees half a file, an interrupted write (an exception, Ctrl-C, a full disk, a
+crash of the machine) leaves the previous file in place, and the temporary is removed whatever
+happens. Every writer in the library goes through ``atomic_path``: checkpoints, ONNX graphs,
+manifests, the text-embedding cache, JSON outputs.
 
 Files get the permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask),
 not the ``0600`` of ``tempfile``. Nothing here imports torch at module level.
@@ -26,6 +26,24 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush ``path`` to the disk. A folder cannot be opened for this on Windows (nor on some
+    network file systems): there the rename's durability is the file system's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder (created if missing); write it in the block.
@@ -44,7 +62,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, _file_mode())
+        _fsync(tmp)  # the bytes reach the disk before the name does: a crash leaves the old file, not an empty one
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)  # and the rename itself survives a crash
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -56,7 +56,8 @@ def expand_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[
     """Expand files, directories (non-recursive, image extensions) and globs into paths.
 
     Returns ``(paths, problems)``: ``problems`` holds one message per spec that matched no
-    image, so a batch can report them and go on. Order is stable (sorted within a spec).
+    image, so a batch can report them and go on. Order is stable (sorted within a spec); a file
+    named twice, under any spelling, comes once.
     """
     paths: list[Path] = []
     problems: list[str] = []
@@ -77,8 +78,8 @@ def expand_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[
             paths.extend(found)
         else:
             problems.append(f"{spec}: no such file or directory")
-    seen: set[Path] = set()
-    unique = [q for q in paths if not (q in seen or seen.add(q))]
+    seen: set[str] = set()  # one file under two spellings (relative and absolute, a symlink) is one input
+    unique = [q for q in paths if not (os.path.realpath(q) in seen or seen.add(os.path.realpath(q)))]
     return unique, problems
 
 

@@ -71,3 +71,38 @@ def test_expand_inputs(tmp_path):
     paths, problems = expand_inputs([str(tmp_path), str(tmp_path / "*.png"), str(tmp_path / "empty_dir"), "nope.jpg"])
     assert [p.name for p in paths] == ["a.jpg", "b.png"]  # directory sorted, glob duplicate dropped
     assert len(problems) == 2 and "no images" in problems[0] and "no such file" in problems[1]
+
+
+def test_a_file_named_relative_and_absolute_is_one_input(tmp_path, monkeypatch):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    paths, _ = expand_inputs(["a.jpg", str(tmp_path / "a.jpg"), "./a.jpg"])
+    assert [str(p) for p in paths] == ["a.jpg"]
+
+
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """A crash after the rename must not leave an empty file: the temporary is fsynced before
+    ``os.replace`` and its folder after."""
+    import os
+
+    import regionclip.atomic as A
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(A.os, "fsync", fsync)
+    monkeypatch.setattr(A.os, "replace", replace)
+    target = tmp_path / "out.json"
+    A.atomic_write_text(target, "{}")
+    assert target.read_text() == "{}"
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].startswith(str(tmp_path / ".out.json.")) and events[2][1] == str(tmp_path)

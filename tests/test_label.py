@@ -16,7 +16,7 @@ from conftest import TINY_DETECTOR, TINY_PROPOSALS, shapes_image, tiny_model
 pq = pytest.importorskip("pyarrow.parquet")
 
 from regionclip.label import expand_sources, plan  # noqa: E402
-from regionclip.label.shards import assigned, parse_part  # noqa: E402
+from regionclip.label.shards import assigned, check_layout, layout, parse_part  # noqa: E402
 from regionclip.records import load_results  # noqa: E402
 from regionclip.errors import BadInput  # noqa: E402
 from regionclip_cli.main import main  # noqa: E402
@@ -127,7 +127,60 @@ def test_sources_folders_lists_coco_and_tar(tmp_path, images):
     assert loaded.original_size == (32, 32) and np.array_equal(loaded.pixels, load_reduced(images[0]).pixels)
 
 
+def test_a_file_given_twice_under_two_spellings_is_one_item(tmp_path, images, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(images[0]))
+    link = tmp_path / "link.png"
+    link.symlink_to(images[1])
+    items, _ = expand_sources([os.path.basename(images[0]), images[0], images[1], str(link)])
+    assert items == [os.path.basename(images[0]), images[1]]
+
+
+def test_the_split_is_recorded_and_checked():
+    lay = layout(2, (0, 3), 4)
+    assert {k: lay[k] for k in ("shard_size", "parts", "world_size")} == {"shard_size": 2, "parts": 3, "world_size": 4}
+    check_layout(None, lay, "m.json")  # a manifest from before layouts were recorded
+    check_layout(layout(2, (0, 1), 8), layout(2, (0, 1), 4), "m.json")  # one part covers every shard at any world size
+    for recorded, wanted, said in ((layout(2, (0, 2), 1), layout(2, (0, 3), 1), "--shard i/2 under WORLD_SIZE=1 with"),
+                                   (layout(2, (0, 1), 1), layout(2, (0, 3), 1), "--shard i/1 with"),
+                                   (layout(2, (1, 2), 1), layout(2, (1, 2), 2), "--shard i/2 under WORLD_SIZE=1 with")):
+        with pytest.raises(BadInput, match=f"m.json was split as {said} --shard-size 2; this command asks for"):
+            check_layout(recorded, wanted, "m.json")
+
+
 # ----------------------------------------------------------------------------- the command
+def test_a_source_that_does_not_exist_is_one_line_before_the_model_loads(tmp_path, images, capsys, monkeypatch):
+    """``--labels red circle,blue square`` unquoted: the shell makes sources of the words."""
+    import regionclip_cli.options as O
+
+    monkeypatch.setattr(O, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    argv = label_argv("demo", [images[0]], tmp_path / "out")
+    i = argv.index("--labels")
+    argv[i:i + 2] = ["--labels", "red", "circle,blue", "square"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "no such file or directory: 'circle,blue', 'square'" in err and 'quote it: --labels "' in err
+
+
+def test_parts_of_a_run_split_otherwise_are_one_line(tmp_path, tiny_spec, images, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, stdout, err = run(label_argv(tiny_spec, images[:4], out, "--shard-size", "1", "--shard", "0/2"), capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "manifest.json").read_text())["layout"]
+    assert (recorded["shard_size"], recorded["parts"], recorded["world_size"]) == (1, 2, 1)
+    import regionclip_cli.options as O
+
+    build = O.build_model
+    monkeypatch.setattr(O, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    for other in (["--shard", "1/3"], []):  # 1/3 would write shard 1 again and never shard 3; no --shard, all again
+        code, stdout, err = run(label_argv(tiny_spec, images[:4], out, "--shard-size", "1", *other), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "was split as --shard i/2" in err and "--overwrite" in err
+    monkeypatch.setattr(O, "build_model", build)
+    code, stdout, err = run(label_argv(tiny_spec, images[:4], out, "--shard-size", "1", "--shard", "1/2"), capsys)
+    assert code == 0 and "2 image(s) labelled" in stdout, err
+    assert [r["image"] for r in shard_rows(out)] == images[:4]
+
+
 def test_label_writes_shards_and_manifest_then_resumes(tmp_path, tiny_spec, images, capsys):
     out = tmp_path / "out"
     code, stdout, err = run(label_argv(tiny_spec, images, out, "--shard-size", "4"), capsys)
@@ -202,16 +255,19 @@ def test_bad_images_are_recorded_and_counted(tmp_path, tiny_spec, images, capsys
     bad.mkdir()
     (bad / "corrupt.jpg").write_bytes(b"garbage")
     (bad / "empty.png").write_bytes(b"")
-    sources = [images[0], str(bad / "corrupt.jpg"), str(bad / "empty.png"), str(tmp_path / "missing.jpg"), images[1]]
+    listed = tmp_path / "list.txt"  # a listed path that does not exist is a failure (a source argument is refused)
+    listed.write_text(str(tmp_path / "missing.jpg"))
+    sources = [images[0], str(bad / "corrupt.jpg"), str(bad / "empty.png"), str(listed), images[1]]
     out = tmp_path / "out"
     code, stdout, err = run(label_argv(tiny_spec, sources, out, "--shard-size", "2"), capsys)
     assert code == 3 and "3 failed" in stdout and "Traceback" not in err
     assert "--allow-failures" in err
     rows = shard_rows(out)
-    assert [r["image"] for r in rows] == sources  # the rest was finished
+    keys = [*sources[:3], str(tmp_path / "missing.jpg"), sources[4]]
+    assert [r["image"] for r in rows] == keys  # the rest was finished
     reasons = {r["image"]: r["error"] for r in rows}
-    assert "not a readable image" in reasons[sources[1]] and "file is empty" in reasons[sources[2]]
-    assert "no such file" in reasons[sources[3]] and reasons[sources[0]] is None and reasons[sources[4]] is None
+    assert "not a readable image" in reasons[keys[1]] and "file is empty" in reasons[keys[2]]
+    assert "no such file" in reasons[keys[3]] and reasons[keys[0]] is None and reasons[keys[4]] is None
     assert rows[1]["width"] is None and rows[1]["boxes_xyxy"] == []
     code, stdout, err = run(label_argv(tiny_spec, sources, tmp_path / "out2", "--shard-size", "2",
                                        "--allow-failures"), capsys)

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import BadImage, BadInput
 from ..outputs import check_output_dir
 from . import store
-from .shards import Shard, assigned, plan
+from .shards import Shard, assigned, check_layout, layout, plan
 from .sources import expand_sources
 
 # Config entries that do not change what a run computes: a run may continue on another device.
@@ -105,7 +105,8 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str] | Vocabu
         raise BadImage("no images to label: " + "; ".join(problems))
     keys = [str(it) for it in items]
     shards = plan(len(items), shard_size)
-    manifest = {**identity, "vocabulary": vocab,
+    split = layout(shard_size, part, world)
+    manifest = {**identity, "layout": split, "vocabulary": vocab,
                 "vocabulary_spec": spec.to_manifest() if spec is not None else None, "embeddings": bool(embeddings), "shard_size": int(shard_size),
                 "images": len(items), "shards": len(shards), "sources_sha256": store.sources_sha256(keys),
                 "sources": [str(s) for s in sources]}
@@ -113,6 +114,8 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str] | Vocabu
     if old is not None and (key := store.mismatch(old, manifest)) is not None:
         raise BadInput(f"{out / store.MANIFEST} belongs to another run (its {key} differs from this command's): "
                        "pass --overwrite to label again from the start, or choose another --out")
+    if old is not None:
+        check_layout(old.get("layout"), split, str(out / store.MANIFEST))
     from .. import __version__
 
     mine = assigned(shards, part, rank, world)
@@ -164,8 +167,9 @@ def label_images(
     the crop tower runs once more over the kept boxes). ``before_run(summary)`` runs after the
     checks, before the model is built; ``on_result(prediction)`` after each image.
 
-    Raises ``BadOutput`` (folder not writable), ``BadImage`` (no images), ``BadInput`` (the
-    manifest is another run's, without ``overwrite``), ``MissingDependency`` (no pyarrow).
+    Raises ``BadOutput`` (folder not writable), ``BadImage`` (no images), ``BadInput`` (a source
+    that does not exist; the manifest is another run's or was split with another ``part``/``world``
+    layout, without ``overwrite``), ``MissingDependency`` (no pyarrow).
     """
     job = prepare(sources, labels, out, identity=identity, shard_size=shard_size, part=part, rank=rank,
                   world=world, overwrite=overwrite, embeddings=embeddings)

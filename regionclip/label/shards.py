@@ -3,7 +3,9 @@
 Shard ``k`` holds items ``[k * size, (k + 1) * size)``; its file is ``shard-{k:05d}.parquet``.
 Which process writes which shard: the ``--shard i/N`` part first (a SLURM array task, another
 launcher), then the torchrun rank within it, round-robin, so any split of the same command
-writes exactly the shards of one process, and each once.
+writes exactly the shards of one process, and each once. That holds only while every part uses the
+same ``N`` (and, with ``N > 1``, the same world size): ``layout`` is what the manifest records of
+the split, and ``check_layout`` refuses a command that would split it otherwise.
 """
 
 from __future__ import annotations
@@ -67,3 +69,33 @@ def assigned(shards: list[Shard], part: tuple[int, int], rank: int = 0, world: i
     i, n = part
     slot, slots = i * world + rank, n * world
     return [s for s in shards if s.index % slots == slot]
+
+
+# How items and shards map to processes, in words, for whoever reads a manifest.
+RULE = ("item j is in shard j // shard_size; shard k is written by part i (--shard i/parts), rank r (of "
+        "world_size) when k % (parts * world_size) == i * world_size + r")
+
+
+def layout(shard_size: int, part: tuple[int, int], world: int) -> dict:
+    """The split of a run, as its manifest records it (``check_layout`` compares two)."""
+    return {"shard_size": int(shard_size), "parts": int(part[1]), "world_size": int(world), "rule": RULE}
+
+
+def check_layout(recorded: dict | None, wanted: dict, where: str) -> None:
+    """Raise ``BadInput`` when ``wanted`` would split the run of ``where`` (its manifest) otherwise
+    than ``recorded``: mixed, the parts skip some shards and write others twice. A one-part run
+    covers every shard whatever its world size, so only ``--shard`` runs compare world sizes.
+    ``recorded`` None (a manifest from before layouts were recorded) passes."""
+    if recorded is None:
+        return
+    keys = ("shard_size", "parts", "world_size") if wanted["parts"] > 1 else ("shard_size", "parts")
+    if all(recorded.get(k) == wanted[k] for k in keys):
+        return
+
+    def said(lay: dict) -> str:
+        world = f" under WORLD_SIZE={lay.get('world_size')}" if lay.get("parts", 1) > 1 else ""
+        return f"--shard i/{lay.get('parts')}{world} with --shard-size {lay.get('shard_size')}"
+
+    raise BadInput(f"{where} was split as {said(recorded)}; this command asks for {said(wanted)}: mixed, the parts "
+                   "would skip shards or write them twice; run it as the manifest says, or pass --overwrite to start "
+                   "again")

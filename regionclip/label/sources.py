@@ -4,7 +4,8 @@ images file, and webdataset tar shards, expanded into one list in a deterministi
 Each item is a path (``str``) or a ``TarMember``; its ``str`` is the key a shard records. The
 order is the order of the specs, each expanded sorted, so the same command always cuts the same
 shards. Paths listed inside a text or COCO file are kept even when missing: the run records
-them as failures instead of silently dropping them.
+them as failures instead of silently dropping them; a spec on the command line that does not
+exist is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -104,10 +105,14 @@ def expand_sources(specs: Sequence[str | os.PathLike]) -> tuple[list, list[str]]
 
     A spec is an image file, a folder (its images, sorted), a glob, a ``.txt`` list of paths,
     a COCO ``.json`` (its ``images``), or a tar shard (``.tar``, ``.tar.gz``; globs of them too,
-    e.g. ``shards/*.tar``). ``problems``: one line per spec that matched nothing.
+    e.g. ``shards/*.tar``). ``problems``: one line per pattern or folder that matched nothing.
+    A file given twice (relative and absolute, through a symlink) is kept once, as first spelled.
+    Raises ``BadInput`` naming every spec that does not exist (paths listed in a text or COCO
+    file are kept even when missing: the run records them as failures).
     """
     items: list = []
     problems: list[str] = []
+    missing: list[str] = []
     for spec in specs:
         spec = str(spec)
         p = Path(spec)
@@ -124,11 +129,28 @@ def expand_sources(specs: Sequence[str | os.PathLike]) -> tuple[list, list[str]]
             for t in tars:
                 items += tar_members(t)
         elif not p.exists() and not glob.has_magic(spec):
-            items.append(spec)  # recorded as a failure ("no such file") with the others, not dropped
+            missing.append(spec)
         else:
             paths, missed = expand_inputs([spec])
             items += [str(q) for q in paths]
             problems += missed
+    if missing:
+        raise BadInput(_missing_message(missing))
     seen: set[str] = set()
-    unique = [it for it in items if not (str(it) in seen or seen.add(str(it)))]
+    unique = [it for it in items if not (_same_file_key(it) in seen or seen.add(_same_file_key(it)))]
     return unique, problems
+
+
+def _same_file_key(item) -> str:
+    """One key for every spelling of a file (relative, absolute, through a symlink)."""
+    if isinstance(item, TarMember):
+        return f"{os.path.realpath(item.tar)}{SEP}{item.name}"
+    return os.path.realpath(item)
+
+
+def _missing_message(missing: list[str]) -> str:
+    named = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    hint = ""
+    if any(not Path(m).suffix for m in missing):  # words, not file names: a --labels list the shell split
+        hint = ' (words of an unquoted --labels list? quote it: --labels "red circle,blue square")'
+    return f"no such file or directory: {named}{hint}"
