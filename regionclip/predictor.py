@@ -107,6 +107,32 @@ def _as_is(chunk):
     return chunk
 
 
+class _DieWithParent:
+    """A DataLoader ``worker_init_fn``: on Linux the kernel kills the worker when the process that
+    made it dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``; strictly, when the thread that started it
+    ends). A parent killed by SIGKILL (a scheduler, the OOM killer) runs no clean-up, and a worker
+    whose queue is full then hangs at exit for ever, joining its feeder thread, holding its memory.
+    A no-op elsewhere."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != self.parent:  # the parent died before the line above: no signal will come
+            os._exit(1)
+
+
 def _check_count(name: str, value, least: int) -> int:
     if int(value) < least:
         raise BadInput(f"{name} must be at least {least}, but got {value}")
@@ -206,7 +232,8 @@ class Predictor:
         workers = _check_count("num_workers", self.num_workers if num_workers is None else num_workers, 0)
         chunk = size if window is None else max(size, _check_count("window", window, 1))
         dataset = _Decoded(sources, boxes, chunk, self.backend.input_max_side)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is)), size
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                               worker_init_fn=_DieWithParent() if workers else None)), size
 
     def stream(self, sources: Iterable, labels: Sequence[str] | None = None, *, boxes: Iterable | None = None,
                text_embeddings=None, batch_size: int | None = None, num_workers: int | None = None,

@@ -111,3 +111,56 @@ def test_shard_parts_write_the_shards_of_one_process(setup, tmp_path, capsys):
         assert code == 0, err
         assert f"in {len(range(i, 7, 3))} shard(s)" in stdout
     assert_same_rows(shard_rows(out), reference)
+
+
+def _alive(pid: int, started: str) -> bool:
+    """``pid`` still runs (not a zombie) and is the process that started at ``started``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and fields[19] == started
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The children of ``pid`` (from /proc, every process's parent), each with its start time."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found[int(entry.name)] = fields[19]
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_decoding_workers_die_with_a_sigkilled_run(setup, tmp_path):
+    """A run killed by SIGKILL (a scheduler, the OOM killer) leaves no DataLoader worker behind.
+    Chunks of 4 images of 128 px outgrow the 64 kB pipe the workers write to, so without
+    PR_SET_PDEATHSIG a worker hangs at exit joining its queue's feeder thread."""
+    spec, _, _ = setup
+    images = make_images(tmp_path / "images", 48, 128)
+    argv = label_argv(spec, images, tmp_path / "out", "--workers", "2", "--batch-size", "4", "--shard-size", "4")
+    shrink_before_fork()
+    proc = mp.get_context("fork").Process(target=_label_then_exit, args=(argv,))
+    proc.start()
+    deadline = time.monotonic() + 120  # a hang guard, not a speed check
+    workers: dict[int, str] = {}
+    while len(workers) < 2 and proc.is_alive() and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        time.sleep(0.05)
+    while _shards(tmp_path / "out") < 1 and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the workers have decoded ahead: their chunks wait in the pipe
+    assert proc.is_alive() and len(workers) == 2, f"the run ended before it was killed (workers {workers})"
+    proc.kill()
+    proc.join()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid, started) for pid, started in workers.items()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid, started in workers.items() if _alive(pid, started)]
+    for pid in left:  # leave nothing behind, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"decoding workers {left} outlived their SIGKILLed parent by 10 s"
