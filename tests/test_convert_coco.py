@@ -35,14 +35,37 @@ def test_results_records(tmp_path):
 def test_instances_file(tmp_path):
     data = json.loads(convert(_results(), "coco", tmp_path / "i.json", instances=True).read_text())
     assert data["info"]["images_dir"] == "/data/a"
-    assert data["images"] == [{"id": 0, "file_name": "x.jpg", "width": 100, "height": 80},
-                              {"id": 1, "file_name": "b/y.jpg", "width": 50, "height": 40}]  # no undecodable one
-    assert data["categories"] == [{"id": 1, "name": "red circle"}, {"id": 2, "name": "green square"}]
+    assert data["images"] == [{"id": 1, "file_name": "x.jpg", "width": 100, "height": 80},
+                              {"id": 2, "file_name": "b/y.jpg", "width": 50, "height": 40}]  # no undecodable one
+    assert data["categories"] == [{"id": 1, "name": "red circle", "supercategory": ""},
+                                  {"id": 2, "name": "green square", "supercategory": ""}]
     assert [(a["image_id"], a["category_id"], a["bbox"], a["area"]) for a in data["annotations"]] == [
-        (0, 2, [10.0, 20.0, 20.0, 40.0], 800.0), (0, 1, [0.0, 0.0, 5.0, 5.0], 25.0)]
+        (1, 2, [10.0, 20.0, 20.0, 40.0], 800.0), (1, 1, [0.0, 0.0, 5.0, 5.0], 25.0)]
     assert [a["id"] for a in data["annotations"]] == [1, 2]
     with pytest.raises(BadInput, match=r"--min-score must be in \[0, 1\]"):
         convert(_results(), "coco", tmp_path / "x.json", min_score=2.0)
+
+
+def test_one_instances_writer_clips_and_maps_unknown_labels(tmp_path):
+    """coco and cvat write the same instances (ids from 1, boxes clipped to the image); a label
+    the vocabulary lacks is a category after it in both, and in the results records (never id 0)."""
+    import zipfile
+
+    results = Results(images=[ImageRecord("/data/a/x.jpg", 100, 80, np.array([[-4.0, 10, 30, 90], [50, 50, 60, 60]]),
+                                          ["blue triangle", "red circle"], np.array([0.8, 0.6]))],
+                      vocabulary=LABELS, model="demo")
+    coco = json.loads(convert(results, "coco", tmp_path / "i.json", instances=True).read_text())
+    assert coco["categories"][2] == {"id": 3, "name": "blue triangle", "supercategory": ""}
+    assert [(a["category_id"], a["bbox"]) for a in coco["annotations"]] == [(3, [0.0, 10.0, 30.0, 70.0]),
+                                                                         (1, [50.0, 50.0, 10.0, 10.0])]
+    with zipfile.ZipFile(convert(results, "cvat", tmp_path / "c.zip")) as zf:
+        cvat = json.loads(zf.read("annotations/instances_default.json"))
+    for a in cvat["annotations"]:
+        assert a.pop("attributes") == {"occluded": False}
+    assert cvat == coco
+    records = json.loads(convert(results, "coco", tmp_path / "r.json").read_text())
+    assert [(r["image_id"], r["category_id"], r["bbox"]) for r in records] == [(0, 3, [0.0, 10.0, 30.0, 70.0]),
+                                                                             (0, 1, [50.0, 50.0, 10.0, 10.0])]
 
 
 def test_label_then_instances_then_cocodetection(tmp_path, capsys):
@@ -55,10 +78,13 @@ def test_label_then_instances_then_cocodetection(tmp_path, capsys):
     out = tmp_path / "labels"
     code, _, err = run(label_argv(save_tiny(tmp_path / "model"), images, out, "--shard-size", "2"), capsys)
     assert code == 0, err
-    code, _, err = run(["convert", str(out), "--to", "coco", "--instances", "--out", str(tmp_path / "train.json")],
-                       capsys)
+    code, stdout, err = run(["convert", str(out), "--to", "coco", "--instances", "--out", str(tmp_path / "train.json")],
+                            capsys)
     assert code == 0, err
     data = json.loads((tmp_path / "train.json").read_text())
+    assert stdout.strip() == f"wrote {tmp_path / 'train.json'}: 3 image(s), {len(data['annotations'])} box(es)"
+    code, stdout, err = run(["convert", str(out), "--to", "labelstudio", "--out", str(tmp_path / "ls")], capsys)
+    assert code == 0 and stdout.strip() == f"wrote {tmp_path / 'ls'}: 3 task(s), {len(data['annotations'])} box(es)", err
     ds = CocoDetection(tmp_path / "train.json", data["info"]["images_dir"], categories=LABELS)
     assert len(ds) == 3 and ds.category_names == LABELS
     from regionclip.records import load_results

@@ -35,3 +35,12 @@ def convert(results: str | os.PathLike | Results, to: str, out: str | os.PathLik
             raise BadInput(f"--to {to} is not available in this version") from None
         raise
     return module.write(results, Path(out), **options)
+
+
+def written_counts(results: Results, min_score: float | None = None) -> tuple[int, int]:
+    """(images, boxes) that ``convert`` writes of ``results``: the decoded images (a task each for
+    Label Studio) and their detections scoring at least ``min_score``."""
+    from ._common import usable
+
+    records = usable(results, min_score)
+    return len(records), sum(len(r.scores) for r in records)

@@ -23,15 +23,15 @@ def kept(record: ImageRecord, min_score: float | None) -> ImageRecord:
 def usable(results: Results, min_score: float | None) -> list[ImageRecord]:
     """The decoded images of ``results`` (undecodable ones carry no boxes to convert), filtered."""
     if min_score is not None and not 0.0 <= float(min_score) <= 1.0:
-        raise BadInput(f"min_score must be in [0, 1], but got {min_score}")
+        raise BadInput(f"--min-score must be in [0, 1], but got {min_score}")
     return [kept(r, min_score) for r in results.images if r.error is None]
 
 
 def size_of(record: ImageRecord, fmt: str) -> tuple[int, int]:
-    """(width, height) of a record; formats with relative coordinates cannot go without it."""
+    """(width, height) of a record: relative coordinates, clipping and COCO's images need it."""
     if record.width is None or record.height is None:
-        raise BadInput(f"{record.image}: image size unknown (the file is not there); {fmt} needs it for "
-                       "relative coordinates: run convert where the detect/label run's image paths resolve")
+        raise BadInput(f"{record.image}: image size unknown (the file is not there); {fmt} needs each image's "
+                       "width and height: run convert where the detect/label run's image paths resolve")
     return int(record.width), int(record.height)
 
 
