@@ -31,9 +31,14 @@ def convert(
 ) -> None:
     """Convert labelling results into another tool's format, one file or folder at --out."""
     from regionclip.convert import convert as run
+    from regionclip.convert import written_counts
+    from regionclip.records import load_results
 
     options = {"instances": instances or None, "min_score": min_score, "from_name": from_name,
                "to_name": to_name, "model_version": model_version, "copy_images": copy_images or None,
                "image_prefix": image_prefix}
-    written = run(results, to, out, **{k: v for k, v in options.items() if v is not None})
-    console.print(f"wrote {written}")
+    loaded = load_results(results)
+    written = run(loaded, to, out, **{k: v for k, v in options.items() if v is not None})
+    images, boxes = written_counts(loaded, min_score)
+    console.print(f"wrote {written}: {images} {'task(s)' if to == 'labelstudio' else 'image(s)'}, {boxes} box(es)",
+                  markup=False)
