@@ -220,9 +220,14 @@ def resolve_model_config(name_or_path: str, overrides: Sequence[str] = ()) -> Mo
     if path is None:
         path = Path(name_or_path)
         if not path.is_file():
-            raise BadConfig(
-                f"unknown model '{name_or_path}': use a preset ({', '.join(list_model_presets())}) or a YAML path"
-            )
+            presets = list_model_presets()
+            if not presets:  # presets are read from the checkout, which a plain `pip install .` leaves behind
+                from .config import configs_dir
+
+                raise BadConfig(f"unknown model '{name_or_path}': no presets found ({configs_dir() / 'models'} is "
+                                "missing): regionclip was installed without its checkout; install it with "
+                                "pip install -e . from the repository, or pass a model YAML path")
+            raise BadConfig(f"unknown model '{name_or_path}': use a preset ({', '.join(presets)}) or a YAML path")
     cfg = load_config(ModelConfig, path, overrides)
     if cfg.checkpoint and cfg.checkpoint.startswith("~"):
         cfg.checkpoint = str(Path(cfg.checkpoint).expanduser())

@@ -135,6 +135,16 @@ def test_bad_input_gives_one_line(case, expect, img_dir, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_presets_missing_say_the_install_was_not_editable(img_dir, tmp_path, capsys, monkeypatch):
+    """``pip install .`` (not -e) leaves configs/ behind: the error says so, not "use a preset ()"."""
+    import regionclip.config
+
+    monkeypatch.setattr(regionclip.config, "configs_dir", lambda: tmp_path / "site-packages" / "configs")
+    code, out, err = run(["detect", str(img_dir / "a.jpg"), "--labels", "x", "--model", "demo"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "unknown model 'demo': no presets found" in err and "pip install -e . from the repository" in err
+
+
 def _cli(args, env=None, timeout=120):
     exe = [sys.executable, "-m", "regionclip_cli.main"]
     start = time.monotonic()

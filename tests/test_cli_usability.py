@@ -21,12 +21,23 @@ def test_make_shapes_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsy
     (out / "notes.txt").write_text("mine")
     code, _, err = run(["make-shapes", str(out), *SMALL], capsys)
     assert code != 0 and "not empty" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert "overwrite=True" not in err  # the flag the command takes, not the function's keyword
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing drawn
     code, _, err = run(["make-shapes", str(out), *SMALL, "--overwrite"], capsys)
     assert code == 0, err
     assert (out / "annotations" / "instances_train.json").is_file() and (out / "notes.txt").read_text() == "mine"
     code, _, err = run(["make-shapes", str(tmp_path / "new"), *SMALL], capsys)  # a new folder needs no flag
     assert code == 0, err
+
+
+def test_every_install_in_the_docs_is_editable():
+    """Presets are read from the checkout: after a plain ``pip install .`` ``--model demo`` fails."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    plain = [f"{md.name}: {line.strip()}" for md in (root / "README.md", *sorted((root / "docs").glob("*.md")))
+             for line in md.read_text().splitlines() if re.search(r"pip install (?!-e )[\"']?\.", line)]
+    assert not plain, plain
 
 
 @pytest.fixture(scope="module")

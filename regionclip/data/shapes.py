@@ -334,7 +334,7 @@ def make_shapes(
     # Another set's images and annotations mixed with these would train on a set nobody made.
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise BadOutput(f"shapes output folder {out} is not empty: give a new or empty folder, "
-                        "or write over it (--overwrite; overwrite=True)")
+                        "or pass --overwrite to write over it")
     paths = {
         "train_images": out / "train",
         "val_images": out / "val",
