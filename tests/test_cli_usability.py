@@ -40,6 +40,27 @@ def test_every_install_in_the_docs_is_editable():
     assert not plain, plain
 
 
+def test_the_front_page_table_lists_every_page_of_the_nav():
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    nav = {next(iter(entry.values())) for entry in yaml.safe_load((root / "mkdocs.yml").read_text())["nav"]}
+    table = set(re.findall(r"^\| \[[^]]+\]\(([\w-]+\.md)\)", (root / "docs" / "index.md").read_text(), re.M))
+    assert table == nav - {"index.md"}
+
+
+def test_the_demo_output_folder_is_ignored_by_git():
+    """``regionclip demo --out demo/`` (the getting-started command) writes into the checkout."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    check = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", "demo/detections.png"])
+    assert check.returncode == 0, "demo/ is not in .gitignore"
+
+
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     """A finished training run's folder as ``regionclip train`` leaves it: model.pt + preset.yaml."""
