@@ -269,14 +269,23 @@ class ProposalStage(nn.Module):
         ]
 
     def _final_boxes(self, batch, features, proposals):
-        dets, _ = self.detector.roi_heads(features, proposals, batch.image_sizes)
+        """The second stage's detections (torchvision's ``RoIHeads`` in eval mode: per-class
+        boxes, score floor, per-class NMS, its detections per image), then an NMS across its
+        classes at ``nms_threshold`` and the best ``num_proposals``: ``(boxes, scores)`` per image."""
+        heads = self.detector.roi_heads
+        x = heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        class_logits, deltas = heads.box_predictor(x)
+        # fp32 decode and softmax, as in _refined_boxes: under bf16 autocast the decoded boxes
+        # took the deltas' dtype (whole pixels lost past 256, 8 px steps past 1024).
+        with torch.autocast(class_logits.device.type, enabled=False):
+            boxes, scores, labels = heads.postprocess_detections(
+                class_logits.float(), deltas.float(), [p.float() for p in proposals], batch.image_sizes)
         out_boxes, out_scores = [], []
-        for d in dets:
-            agnostic = torch.zeros_like(d["labels"])
-            keep = batched_nms(d["boxes"], d["scores"], agnostic, self.cfg.nms_threshold)
+        for b, s, lab in zip(boxes, scores, labels):
+            keep = batched_nms(b, s, torch.zeros_like(lab), self.cfg.nms_threshold)
             keep = keep[: self.cfg.num_proposals]
-            out_boxes.append(d["boxes"][keep])
-            out_scores.append(d["scores"][keep])
+            out_boxes.append(b[keep])
+            out_scores.append(s[keep])
         return out_boxes, out_scores
 
     def _refined_boxes(self, batch, features, proposals):

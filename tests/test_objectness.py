@@ -228,3 +228,30 @@ def test_bf16_autocast_keeps_proposal_geometry_and_logits_in_fp32():
         got = region_logits(regions, text, 100.0, True)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-2)
+
+
+def test_final_boxes_are_decoded_in_fp32_under_bf16_autocast():
+    """``proposals.source: final`` under bf16 autocast: each of the second stage's boxes lies within
+    what bf16 deltas move it (hundredths of a pixel) of an fp32 one (bf16 scores may order and
+    suppress a little differently), not rounded to bf16's steps (4 px past 512, 8 past 1024)."""
+    from dataclasses import replace
+
+    from conftest import tiny_model
+
+    model = tiny_model()
+    stage = model.proposals
+    stage.configure(replace(model.cfg.proposals, min_size=800, max_size=1216, source="final"))
+    torch.manual_seed(0)
+    images = [torch.rand(3, 800, 1216)]
+    with torch.inference_mode():
+        batch, _ = stage.detector.transform(images)
+        features = stage.detector.backbone(batch.tensors)
+        proposals, _, _ = stage._rpn(batch, features)
+        want, want_scores = stage._final_boxes(batch, features, proposals)
+        with torch.autocast("cpu", torch.bfloat16):
+            got, got_scores = stage._final_boxes(batch, features, proposals)
+    assert got[0].dtype == torch.float32 and got_scores[0].dtype == torch.float32 and len(got[0])
+    nearest = torch.cdist(got[0], want[0], p=float("inf")).min(dim=1).values
+    assert float(nearest.max()) < 0.25, nearest.max()
+    far = got[0][got[0] > 512]
+    assert len(far) and bool((far % 4 != 0).any()), far[:8]
