@@ -19,6 +19,8 @@ from typer.core import TyperCommand, TyperGroup
 from regionclip.config import ModelConfig, ScoringConfig, check_scoring
 from regionclip.errors import BadConfig, BadInput
 
+from .render import WholeNamesHelp
+
 if TYPE_CHECKING:
     from regionclip import RegionCLIP
 
@@ -29,7 +31,7 @@ def _preset_default(value: Any) -> str:
     return f"({PRESET}; {value} unless it sets one)"
 
 
-class Command(TyperCommand):
+class Command(WholeNamesHelp, TyperCommand):
     """A typer command whose help shows flags as flags: no ``<bool>`` beside ``--help`` or ``--x/--no-x``."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -45,7 +47,7 @@ class Command(TyperCommand):
         return option
 
 
-class Group(TyperGroup):
+class Group(WholeNamesHelp, TyperGroup):
     """The root group, with the same ``--help`` rendering as ``Command``."""
 
     def get_help_option(self, ctx):

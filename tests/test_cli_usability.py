@@ -40,6 +40,24 @@ def test_every_install_in_the_docs_is_editable():
     assert not plain, plain
 
 
+def test_help_at_80_columns_prints_every_option_name_whole(capsys, monkeypatch):
+    """rich shrank the widest columns alike: at 80 columns ``--score-thresho…``. Now only the help
+    text wraps (its long words folded), and each option's name leads a row of its panel whole."""
+    import re
+
+    import typer
+
+    from regionclip_cli.main import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for name, command in typer.main.get_command(app).commands.items():
+        code, out, err = run([name, "--help"], capsys)
+        assert code == 0, err
+        shown = re.findall(r"^│ (?:[* ]  )?(--\S+)", out, re.M)  # the name column, not the help text's flags
+        wanted = [opt for param in command.params for opt in param.opts[:1] if opt.startswith("--")] + ["--help"]
+        assert shown == wanted and "…" not in out, (name, set(shown) ^ set(wanted))
+
+
 def test_the_front_page_table_lists_every_page_of_the_nav():
     import re
 
