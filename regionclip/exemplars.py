@@ -147,15 +147,24 @@ class _Disk:
 
 
 def _disk_cache(backend) -> _Disk | None:
-    """Beside the text cache (its name carries the weights' key), with the region settings hashed in."""
+    """Beside the text cache (a torch model with ``text.cache_dir``), one file per ``_embedding_key``."""
     import hashlib
 
     model = getattr(backend, "model", None)
     text_file = getattr(getattr(model, "text", None), "cache_file", None)
     if text_file is None:
         return None
-    digest = hashlib.sha256(f"{text_file.name}\n{model.cfg.regions!r}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_embedding_key(model).encode()).hexdigest()[:16]
     return _Disk(text_file.parent / f"exemplars-{digest}.pt")
+
+
+def _embedding_key(model) -> str:
+    """Everything an exemplar's embedding depends on besides its image and box: the CLIP weights
+    (a checkpoint's file among them), the region mode and settings (crop scale, pool sizes), the
+    largest side images are decoded to, and the precision the region encoder runs at."""
+    cfg = model.cfg
+    return "\n".join(map(str, (model.clip_key, cfg.clip_model, cfg.mode, repr(cfg.regions), cfg.input_max_side,
+                                cfg.precision)))
 
 
 def _is_path(x) -> bool:

@@ -226,6 +226,26 @@ def test_exemplar_cache_on_disk_is_keyed_by_the_weights(tmp_path, ref, monkeypat
     assert len(calls) == 3
 
 
+def test_exemplar_cache_on_disk_keeps_region_modes_and_precisions_apart(tmp_path, ref):
+    """One weights file (the demo's), one cache folder: a pool-mode or bf16 run gets its own
+    embedding, not the one a crop-mode fp32 run stored (the key once held only the weights and
+    the region settings: the pool model got the crop embedding)."""
+    from regionclip import RegionCLIP
+
+    v = Vocabulary.resolve(exemplars=[f"x={ref}:30,20,90,70"])
+    cached = [f"text.cache_dir={tmp_path / 'cache'}"]
+
+    def compiled(overrides):
+        return RegionCLIP.from_pretrained("demo", overrides).predictor.compile(v).embeddings
+
+    crop = compiled(cached)
+    for setting in ("mode=pool", "precision=bf16"):
+        alone = compiled([setting])  # no cache folder: computed
+        assert not torch.allclose(alone, crop, atol=1e-3), setting
+        torch.testing.assert_close(compiled([*cached, setting]), alone, rtol=0, atol=0)
+    assert len(list((tmp_path / "cache").glob("exemplars-*.pt"))) == 3
+
+
 # -------------------------------------------------------------------------------------- CLI
 def test_detect_and_eval_take_vocab_and_exemplars(tiny_shapes, tmp_path, capsys):
     ann = tiny_shapes["val_annotations"]
