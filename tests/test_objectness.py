@@ -177,6 +177,48 @@ def test_proposal_recall_per_split_and_top_k():
     assert got["overall"]["gt"] == 3 and got["overall"]["R50@2"] == pytest.approx(66.67), got
 
 
+def test_proposal_recall_is_cocoevals_average_recall():
+    """AR@K and R50@K equal pycocotools' COCOeval with ``useCats=0`` (one-to-one matching): one
+    proposal over two touching boxes finds one of them, crowds and images without boxes included."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    boxes = {1: [[0, 0, 10, 10], [2, 0, 10, 10], [40, 40, 20, 12]], 2: [[5, 5, 30, 30]], 3: [],
+             4: [[0, 0, 20, 20], [30, 30, 8, 8]]}
+    anns = [{"id": i + 1, "image_id": im, "category_id": 1 + i % 2, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for i, (im, b) in enumerate((im, b) for im, bs in boxes.items() for b in bs)]
+    anns.append({"id": 99, "image_id": 4, "category_id": 1, "bbox": [60, 60, 30, 30], "area": 900, "iscrowd": 1})
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i} for i in boxes], "annotations": anns,
+                  "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    gt.createIndex()
+    proposals = {  # xyxy, score
+        1: [([1, 0, 11, 10], 0.9), ([0, 0, 10, 10], 0.8), ([41, 40, 60, 53], 0.7), ([2, 1, 12, 10], 0.3)],
+        2: [([6, 4, 36, 33], 0.6), ([5, 5, 35, 35], 0.5)],
+        3: [([0, 0, 5, 5], 0.9)],
+        4: [([61, 61, 90, 90], 0.95), ([1, 1, 21, 19], 0.9), ([0, 0, 19, 21], 0.8), ([31, 30, 38, 39], 0.2)],
+    }
+    tops = (1, 2, 3)
+    recall = ProposalRecall(gt, None, tops=tops)
+    records = []
+    for im, props in proposals.items():
+        recall.add(im, torch.tensor([b for b, _ in props], dtype=torch.float32), torch.tensor([s for _, s in props]))
+        records += [{"image_id": im, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
+                    for (x1, y1, x2, y2), s in props]
+    ev = COCOeval(gt, gt.loadRes(records), "bbox")
+    ev.params.useCats, ev.params.maxDets = 0, list(tops)
+    ev.evaluate()
+    ev.accumulate()
+    got = recall.summary()["overall"]
+    for m, k in enumerate(tops):
+        coco = ev.eval["recall"][:, 0, 0, m]  # (IoU thresholds,) at area "all"
+        assert got[f"AR@{k}"] == pytest.approx(100 * coco.mean(), abs=0.01), (k, got, coco)
+        assert got[f"R50@{k}"] == pytest.approx(100 * coco[0], abs=0.01), (k, got, coco)
+    # Top 1: image 1's proposal overlaps its first two boxes at IoU 0.82 each and finds one of them,
+    # image 2's finds its box, image 4's lies on the crowd: 2 of 6 boxes.
+    assert got["R50@1"] == pytest.approx(100 * 2 / 6, abs=0.01), got
+
+
 def test_proposal_score_floor_is_configurable_and_restorable():
     """``proposals.score_threshold``: None keeps the builder's floor (0.05 for MobileNet-320),
     a number replaces it, and reconfiguring with None brings the builder's back."""
