@@ -89,7 +89,11 @@ class RegionCLIP(RegionCLIPModel):
                  batch_size: int = 8, *, text_embeddings=None, vocab=None, exemplars=()) -> list[torch.Tensor]:
         """Per image, the (N, L) probability matrix of its given ``boxes`` (N, 4 xyxy, original
         pixels) over ``labels`` (or the classes of ``vocab`` / ``exemplars``, see ``detect``): the
-        GT-box protocol's input. No objectness, no filtering."""
+        GT-box protocol's input. No objectness, no filtering.
+
+        Rows do not sum to 1 when the model scores a background column (``scoring.background``,
+        the demo's) or the vocabulary has negatives: the softmax runs over those too and they are
+        dropped, so ``1 - row.sum()`` is their share (a box that is nothing listed)."""
         return self.predictor.classify(images, labels, boxes, batch_size, text_embeddings=text_embeddings,
                                        vocab=vocab, exemplars=exemplars)
 

@@ -212,3 +212,18 @@ def test_openai_tags_build_quick_gelu_and_checkpoints_keep_it(tmp_path, monkeypa
     img = shapes_image()
     boxes = torch.tensor([[0.0, 0.0, 80, 60]])
     torch.testing.assert_close(again.encode_regions(img, boxes), model.encode_regions(img, boxes))
+
+
+def test_classify_rows_leave_the_background_its_share_as_documented():
+    """With a background column the softmax runs over it too and drops it: rows sum below 1, as
+    ``classify``'s docstrings and docs/detect.md say; without one they sum to 1."""
+    from regionclip.predictor import Predictor
+
+    img, xyxy = shapes_image(), [[10.0, 10.0, 60.0, 50.0], [70.0, 50.0, 120.0, 100.0]]
+    for background in (True, False):
+        model = tiny_model(scoring={"background": background, "logit_scale": 10.0})
+        (probs,) = model.classify([img], ["red circle", "green square"], [xyxy])
+        sums = probs.sum(dim=1)
+        assert bool((sums < 1 - 1e-4).all()) if background else torch.allclose(sums, torch.ones(2)), sums
+    for doc in (RegionCLIP.classify.__doc__, Predictor.classify.__doc__):
+        assert "1 - row.sum()" in doc and "background" in doc
