@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -204,6 +205,9 @@ class TextEncoder:
     Where ``encode_fn`` is the bound ``encode_text`` of an open_clip model whose tower allows it
     (``supports_short_context``), prompts run at short contexts (``encode_text_truncated``), with
     the same embeddings; ``short_context=False`` or any other ``encode_fn`` keeps the full context.
+    ``max_entries`` bounds the labels kept in memory (least recently used dropped first; the disk
+    cache, written from memory, then holds those too); ``None`` keeps every label, as a run over a
+    fixed vocabulary wants and a server taking labels from its clients must not.
     """
 
     def __init__(
@@ -216,6 +220,7 @@ class TextEncoder:
         chunk_size: int = 512,
         cache_dir: str | os.PathLike | None = None,
         short_context: bool = True,
+        max_entries: int | None = None,
     ):
         if not templates or any("{}" not in t for t in templates):
             raise BadInput("every prompt template must contain '{}' where the label goes, e.g. 'a photo of a {}.'")
@@ -227,7 +232,8 @@ class TextEncoder:
         self.short_context = short_context
         digest = hashlib.sha256("\n".join([model_key, *self.templates]).encode()).hexdigest()[:16]
         self.cache_file = Path(cache_dir) / f"text-{digest}.pt" if cache_dir else None
-        self._memory: dict[str, torch.Tensor] = {}
+        self.max_entries = max_entries
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._disk_loaded = False
         self.prompts_encoded = 0
 
@@ -270,7 +276,12 @@ class TextEncoder:
                 new = self.embed(missing).cpu()
             self._memory.update(zip(missing, new))
             self._save_disk()
-        return torch.stack([self._memory[lb] for lb in labels]).to(self.device)
+        out = torch.stack([self._memory[lb] for lb in labels]).to(self.device)
+        for lb in labels:
+            self._memory.move_to_end(lb)
+        while self.max_entries is not None and len(self._memory) > self.max_entries:
+            self._memory.popitem(last=False)
+        return out
 
     def clear(self) -> None:
         """Forget in-memory embeddings (after the text tower's weights change) and stop using the
