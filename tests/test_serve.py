@@ -154,13 +154,14 @@ class _Gate:
     """A predictor stand-in whose first batch waits for ``open``: jobs pile up behind it."""
 
     def __init__(self):
-        self.entered, self.gate, self.sizes = threading.Event(), threading.Event(), []
+        self.entered, self.gate, self.sizes, self.labels = threading.Event(), threading.Event(), [], []
 
     def vocabulary(self, labels):
         return labels, None
 
     def stream(self, pixels, labels, **kw):
         self.sizes.append(len(pixels))
+        self.labels.append(labels)
         self.entered.set()
         self.gate.wait(10)
         from regionclip.predictor import Prediction
@@ -188,41 +189,29 @@ def test_waiting_requests_share_a_batch_and_the_queue_is_bounded():
         batcher.close()
 
 
-def test_predict_fetches_task_images_from_label_studio_with_the_token(demo):
-    """A task's /data/upload/... URL is fetched from the Label Studio the server was told of,
-    with its token; a URL elsewhere is not fetched at all."""
-    import http.server
-
-    image = png(shapes_image(120, 160))
-    seen = []
-
-    class LabelStudioFiles(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            seen.append((self.path, self.headers.get("Authorization")))
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LabelStudioFiles)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+def test_the_queue_is_bounded_in_bytes_of_decoded_images():
+    """Images waiting or running count; one image alone always fits; bytes come back when done."""
+    fake = _Gate()
+    batcher = Batcher(fake, max_batch=8, max_queue=64, max_bytes=100, max_wait=0.0)
+    image = np.zeros((4, 4, 3), np.uint8)  # 48 bytes
     try:
-        with TestClient(create_app(demo, label_studio_url=url, label_studio_token="T0K")) as c:
-            config = config_xml(["red circle", "green square"])
-            tasks = [{"data": {"image": "/data/upload/3/a.png"}}, {"data": {"image": "http://elsewhere.test/b.png"}},
-                     {"data": {"image": url + "/data/upload/3/c.png"}}]
-            r = c.post("/predict", json={"tasks": tasks, "label_config": config})
+        first = batcher.submit(image, ["a"])
+        assert fake.entered.wait(10)
+        second = batcher.submit(image, ["a"])  # 96 bytes held
+        with pytest.raises(Busy, match="MB already"):
+            batcher.submit(image, ["a"])
+        with pytest.raises(Busy):
+            batcher.reserve(5)
+        fake.gate.set()
+        for f in (first, second):
+            with pytest.raises(Exception, match="stand-in"):
+                f.result(10)
+        with pytest.raises(Exception, match="stand-in"):
+            batcher.submit(np.zeros((10, 10, 3), np.uint8), ["a"]).result(10)  # 300 bytes, alone: fits
+        assert batcher.bytes_held == 0
     finally:
-        server.shutdown()
-    assert r.status_code == 200, r.text
-    first, elsewhere, third = r.json()["results"]
-    assert seen == [("/data/upload/3/a.png", "Token T0K"), ("/data/upload/3/c.png", "Token T0K")]
-    assert elsewhere["result"] == [] and first["result"] and first["result"] == third["result"]
-    assert {res["value"]["rectanglelabels"][0] for res in first["result"]} == {"red circle", "green square"}
+        fake.gate.set()
+        batcher.close()
 
 
 def test_serve_cli_checks_its_flags():
@@ -233,13 +222,22 @@ def test_serve_cli_checks_its_flags():
     assert exc.value.code == 2
 
 
-def test_a_request_that_waits_too_long_gets_a_json_504():
+def test_a_request_that_waits_too_long_gets_a_json_504_and_is_not_computed_after():
     fake = _Gate()
     try:
         with TestClient(create_app(fake, limits=Limits(timeout=0.2))) as c:
-            r = detect(c, png(shapes_image(64, 64)))
+            batcher = c.app.state.batcher
+            running = batcher.submit(np.zeros((4, 4, 3), np.uint8), ["first"])
+            assert fake.entered.wait(10)
+            r = detect(c, png(shapes_image(64, 64)))  # waits behind the first: gives up
             assert r.status_code == 504 and "overloaded" in r.json()["error"]
+            later = batcher.submit(np.zeros((4, 4, 3), np.uint8), ["last"])
             fake.gate.set()
+            for f in (running, later):
+                with pytest.raises(Exception, match="stand-in"):
+                    f.result(10)
+            assert fake.labels == [["first"], ["last"]]  # the one that timed out never ran
+            assert batcher.bytes_held == 0
     finally:
         fake.gate.set()
 
@@ -265,10 +263,50 @@ def test_detect_takes_a_vocabulary_with_synonyms_negatives_and_thresholds(client
     encoded = batcher.encoded
     assert detect(client, png(pixels), labels=None, vocab=json.dumps(spec)).status_code == 200
     assert batcher.encoded == encoded  # compiled once
-    for vocab, words in (("red circle: {exemplars: ['/etc/x.jpg:0,0,5,5']}", "--allow-paths"),
-                         ("- not a mapping", "mapping of class names"),
-                         ("dog: {colour: red}", "colour")):
+    for vocab, status, words in (("red circle: {exemplars: ['/etc/x.jpg:0,0,5,5']}", 400, "--allow-paths"),
+                                 ("- not a mapping", 400, "mapping of class names"),
+                                 ("dog: {colour: red}", 400, "colour"),
+                                 # one class, but 3 prompts + 3 negatives to embed: over max_labels=5
+                                 ("dog: {prompts: [a, b, c], negatives: [d, e, f]}", 413, "6 prompts, negatives")):
         r = detect(client, png(pixels), labels=None, vocab=vocab)
-        assert r.status_code == 400 and words in r.json()["error"], r.text
+        assert r.status_code == status and words in r.json()["error"], r.text
     both = detect(client, png(pixels), vocab=json.dumps(spec))
     assert both.status_code == 400 and "not both" in both.json()["error"]
+
+
+def test_the_text_encoders_cache_keeps_the_most_recent_labels_only(demo):
+    """Every label a client sends is encoded; the encoder keeps ``Limits.text_cache`` of them."""
+    text = demo.model.text
+    try:
+        with TestClient(create_app(demo, limits=Limits(text_cache=4))) as c:
+            for labels in ("red circle,green square,blue", "square,circle,triangle"):
+                assert detect(c, png(shapes_image(64, 64)), labels).status_code == 200
+            assert list(text._memory) == ["blue", "square", "circle", "triangle"]
+            encoded = text.prompts_encoded
+            assert detect(c, png(shapes_image(64, 64)), "blue").status_code == 200  # kept: not encoded again
+            assert text.prompts_encoded == encoded
+            assert detect(c, png(shapes_image(64, 64)), "red circle").status_code == 200  # dropped: again
+            assert text.prompts_encoded > encoded and len(text._memory) == 4
+    finally:
+        text.max_entries = None
+
+
+def test_label_studio_malformed_fields_and_bodies_get_json_4xx(client):
+    for body in ({"schema": 5}, {"schema": {"View": []}}, {"label_config": ["<View/>"]}):
+        r = client.post("/setup", json=body)
+        assert r.status_code == 400 and "label config must be the XML text" in r.json()["error"], r.text
+    r = client.post("/predict", json={"tasks": [], "label_config": 7})
+    assert r.status_code == 400 and "label config must be the XML text" in r.json()["error"], r.text
+    r = client.post("/detect", content=b"--zzz\r\nnot a part header\r\n",
+                    headers={"Content-Type": "multipart/form-data; boundary=zzz"})
+    assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+    assert client.get("/nowhere").json() == {"error": "Not Found"}
+
+
+def test_a_label_studio_label_with_a_comma_stays_one_label(client):
+    config = config_xml(["red, round circle", "green square"], from_name="box", to_name="img")
+    uri = "data:image/png;base64," + base64.b64encode(png(shapes_image(120, 160))).decode()
+    r = client.post("/predict", json={"tasks": [{"data": {"image": uri}}], "label_config": config})
+    assert r.status_code == 200, r.text
+    labels = {res["value"]["rectanglelabels"][0] for res in r.json()["results"][0]["result"]}
+    assert labels and labels <= {"red, round circle", "green square"}, labels

@@ -1,16 +1,21 @@
 """``regionclip serve``: detections over HTTP, for scripts and as a Label Studio ML backend.
 
 ``create_app(predictor)`` builds the FastAPI app (``app.py``); ``serve`` runs it with uvicorn.
-Needs the ``serve`` extra (``pip install 'regionclip[serve]'``).
+Who may call it and how much a request may send: ``guard.py``. Needs the ``serve`` extra
+(``pip install 'regionclip[serve]'``).
 """
 
 from __future__ import annotations
 
+from .guard import check_exposure
 
-def serve(predictor, *, host: str = "127.0.0.1", port: int = 9090, **options) -> None:
-    """Run the app on ``host:port`` until interrupted; ``options`` go to ``create_app``."""
+
+def serve(predictor, *, host: str = "127.0.0.1", port: int = 9090, api_key: str | None = None, **options) -> None:
+    """Run the app on ``host:port`` until interrupted; ``options`` go to ``create_app``. Beyond
+    loopback an ``api_key`` is required (``BadInput`` without one)."""
     from ..errors import BadInput
 
+    check_exposure(host, api_key)
     try:
         import uvicorn
 
@@ -18,4 +23,4 @@ def serve(predictor, *, host: str = "127.0.0.1", port: int = 9090, **options) ->
     except ModuleNotFoundError as exc:
         raise BadInput(f"regionclip serve needs {exc.name}: pip install 'regionclip[serve]'") from None
 
-    uvicorn.run(create_app(predictor, **options), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(predictor, api_key=api_key, **options), host=host, port=port, log_level="warning")

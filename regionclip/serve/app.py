@@ -2,11 +2,14 @@
 
 Every error is a JSON ``{"error": message}`` with a 4xx status (503 when the queue is full),
 and nothing a client sends stops the server: undecodable, truncated, empty and oversized
-uploads, missing or too many labels are refused one request at a time.
+uploads, missing or too many labels are refused one request at a time. ``guard.Guard`` checks
+the API key and the body's size before any endpoint reads it; JSON bodies are read only as
+``Content-Type: application/json`` (the type a web page cannot send without asking first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -18,6 +21,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException
 
 from ..convert.labelstudio import prediction
 from ..errors import BadImage, BadInput, RegionClipError
@@ -25,58 +29,106 @@ from ..io import load_image
 from ..labels import check_labels
 from ..vocabulary import Vocabulary
 from .batcher import Batcher, Busy
+from .guard import Guard
 from .labelstudio import ImageFetcher, LabelConfig, TooLarge, parse_label_config, read_file
+
+
+class WrongMediaType(BadInput):
+    """A body of a content type the endpoint does not read: HTTP 415."""
 
 
 @dataclass
 class Limits:
     """What one request may ask: ``max_bytes`` per image file, ``max_pixels`` per decoded image
-    (checked from the header, before decoding), ``max_labels`` per vocabulary."""
+    (checked from the header, before decoding), ``max_labels`` texts and exemplars to embed per
+    request (labels, or a vocabulary's prompts, negatives and exemplars), ``max_body`` bytes of
+    request body (None: one image base64-encoded in JSON, and a megabyte for the rest)."""
 
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
     max_labels: int = 256
     timeout: float = 120.0  # seconds a request waits for its batch
+    max_body: Optional[int] = None
+    text_cache: int = 4096  # label embeddings the text encoder keeps (least recently used dropped first)
+
+    @property
+    def body_bytes(self) -> int:
+        return self.max_body if self.max_body is not None else self.max_bytes * 4 // 3 + 1_000_000
 
 
-def decode(data: bytes, limits: Limits):
-    """Upload bytes -> HxWx3 uint8 RGB; ``BadImage`` for empty, oversized, non-image or truncated data."""
+def _opened(data: bytes, limits: Limits) -> Image.Image:
+    """Upload bytes -> a PIL image whose header is within the limits; nothing decoded yet."""
     if not data:
         raise BadImage("the upload is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise TooLarge(f"the upload is larger than the server's limit of {limits.max_bytes} bytes")
+    with _unreadable():
+        img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise TooLarge(f"the image is {w}x{h}, more than the server's limit of {limits.max_pixels} pixels")
+    return img
+
+
+def _decoded(img: Image.Image):
+    with _unreadable():
+        img.load()  # a truncated file fails here, not in the worker
+    return load_image(img)
+
+
+@contextlib.contextmanager
+def _unreadable():
+    """PIL's errors for what is not an image (or a decompression bomb) -> ``BadImage``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise TooLarge(f"the image is {w}x{h}, more than the server's limit of {limits.max_pixels} pixels")
-            img.load()  # a truncated file fails here, not in the worker
-    except TooLarge:
-        raise
+            yield
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise BadImage(f"the upload is not a readable image ({type(exc).__name__})") from None
-    return load_image(img)
+
+
+def decode(data: bytes, limits: Limits):
+    """Upload bytes -> HxWx3 uint8 RGB; ``BadImage`` for empty, non-image or truncated data,
+    ``TooLarge`` over the limits (bytes, or pixels from the header, before decoding)."""
+    return _decoded(_opened(data, limits))
+
+
+def embedded(vocab: Vocabulary) -> int:
+    """What a vocabulary makes the server embed: its distinct text prompts and negatives, its
+    exemplars (and at least one per class). ``Limits.max_labels`` bounds this."""
+    texts = {p for c in vocab.classes for p in c.text_prompts} | set(vocab.negatives)
+    return max(len(vocab.classes), len(texts) + sum(len(c.exemplars) for c in vocab.classes))
 
 
 def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | None = None,
                allow_paths: bool = False, label_studio_url: str | None = None,
-               label_studio_token: str | None = None, max_batch: int = 8, max_queue: int = 64) -> FastAPI:
-    """The server's app over ``predictor`` (a ``Predictor``); its ``Batcher`` is ``app.state.batcher``."""
+               label_studio_token: str | None = None, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 64, max_queue_bytes: int = 1_000_000_000) -> FastAPI:
+    """The server's app over ``predictor`` (a ``Predictor``); its ``Batcher`` is ``app.state.batcher``.
+    Label Studio's URL and token come from here only, never from a request; with ``api_key``
+    every request must carry it (``guard.Guard``)."""
     limits = limits or Limits()
-    batcher = Batcher(predictor, max_batch=max_batch, max_queue=max_queue)
+    batcher = Batcher(predictor, max_batch=max_batch, max_queue=max_queue, max_bytes=max_queue_bytes)
     fetcher = ImageFetcher(limits.max_bytes, url=label_studio_url, token=label_studio_token, allow_paths=allow_paths)
     configs: dict[str, LabelConfig] = {}  # Label Studio project id -> its labelling config, from /setup
+    text = getattr(getattr(predictor, "model", None), "text", None)  # a torch model's TextEncoder
+    if hasattr(text, "max_entries"):  # every label a client sends is encoded; none is kept for ever
+        text.max_entries = limits.text_cache
     app = FastAPI(title="regionclip", version="1")
+    app.add_middleware(Guard, max_body=limits.body_bytes, api_key=api_key)
     app.state.batcher, app.state.limits = batcher, limits
     app.router.add_event_handler("shutdown", batcher.close)
 
     @app.exception_handler(RegionClipError)
     def _library_error(request: Request, exc: RegionClipError):
-        status = 503 if isinstance(exc, Busy) else 413 if isinstance(exc, TooLarge) else 400
+        status = 503 if isinstance(exc, Busy) else 413 if isinstance(exc, TooLarge) else \
+            415 if isinstance(exc, WrongMediaType) else 400
         return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    def _http_error(request: Request, exc: HTTPException):  # FastAPI's own: an unreadable form, 404, 405
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(FutureTimeout)
     def _timeout(request: Request, exc: FutureTimeout):
@@ -89,15 +141,35 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         return JSONResponse({"error": f"malformed request ({where})"}, status_code=422)
 
     def labels_of(text: str | None) -> list[str]:
+        """A form's comma-separated labels."""
         names = [s.strip() for s in (text or "").split(",") if s.strip()]
         if not names:
             raise BadInput('no labels given: send a form field labels="dog,cat"')
+        return names_of(names)
+
+    def names_of(names) -> list[str]:
+        names = check_labels(list(dict.fromkeys(names)))
         if len(names) > limits.max_labels:
             raise TooLarge(f"{len(names)} labels, more than the server's limit of {limits.max_labels}")
-        return check_labels(list(dict.fromkeys(names)))
+        return names
 
-    def run(pixels, labels, **scoring):
-        return batcher.submit(pixels, labels, **scoring).result(timeout=limits.timeout)
+    def queued(data: bytes, labels, **scoring):
+        """(pixels, future) of an upload; its decoded size counts against the queue from its header on."""
+        img = _opened(data, limits)
+        room = batcher.reserve(img.size[0] * img.size[1] * 3)
+        try:
+            pixels = _decoded(img)
+            return pixels, batcher.submit(pixels, labels, room=room, **scoring)
+        except BaseException:
+            room.release()
+            raise
+
+    def wait(future):
+        try:
+            return future.result(timeout=limits.timeout)
+        except FutureTimeout:
+            future.cancel()  # nobody waits for it any more: not computed (unless it runs already)
+            raise
 
     def vocab_of(text: str) -> Vocabulary:
         """A vocabulary sent as JSON or YAML text (the ``--vocab`` file's structure). Exemplar
@@ -113,18 +185,23 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         if not allow_paths and any(isinstance(v, dict) and "exemplars" in v for v in data.values()):
             raise BadInput("vocab: exemplars name image files on the server; start it with --allow-paths to use them")
         vocab = Vocabulary.from_dict(data, where="vocab")
-        if len(vocab.classes) > limits.max_labels:
-            raise TooLarge(f"{len(vocab.classes)} classes, more than the server's limit of {limits.max_labels}")
+        if (n := embedded(vocab)) > limits.max_labels:
+            raise TooLarge(f"{n} prompts, negatives and exemplars to embed, more than the server's limit of "
+                           f"{limits.max_labels}")
         return vocab
 
     @app.post("/detect")
-    def detect(image: Optional[UploadFile] = File(None), path: Optional[str] = Form(None),
+    def detect(request: Request, image: Optional[UploadFile] = File(None), path: Optional[str] = Form(None),
                labels: Optional[str] = Form(None), vocab: Optional[str] = Form(None),
                score_threshold: Optional[float] = Form(None)):
         """Detections of ``labels`` (comma-separated), or of a ``vocab`` (the ``--vocab`` file's
         structure as JSON or YAML text: synonyms, negatives, per-class thresholds), in an uploaded
         ``image`` (or a server-side ``path`` when the server allows paths):
         ``{"width", "height", "detections": [{label, score, box_xyxy}]}``."""
+        if _media_type(request) not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise WrongMediaType(f"/detect reads a multipart form (multipart/form-data), not "
+                                 f"{_media_type(request) or 'a body without a Content-Type'}: send the image "
+                                 "file as 'image' and labels=\"dog,cat\" as form fields")
         if labels is not None and vocab is not None:
             raise BadInput("send labels or vocab, not both")
         names = vocab_of(vocab) if vocab is not None else labels_of(labels)
@@ -136,8 +213,8 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
             data = read_file(path, limits.max_bytes) if allow_paths else _no_paths()
         else:
             raise BadInput("send an image file in the form field 'image'")
-        pixels = decode(data, limits)
-        d = run(pixels, names, score_threshold=score_threshold)
+        pixels, future = queued(data, names, score_threshold=score_threshold)
+        d = wait(future)
         return {"width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "detections": [
             {"label": n, "score": round(float(s), 5), "box_xyxy": [round(float(v), 2) for v in b]}
             for n, s, b in zip(d.names, d.scores.tolist(), d.boxes_xyxy.tolist())]}
@@ -153,12 +230,10 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         schema = body.get("schema") or body.get("label_config")
         if schema:
             config = parse_label_config(schema)
-            labels_of(",".join(config.labels))  # the limit on labels, now rather than on the first task
+            names_of(config.labels)  # the limit on labels, now rather than on the first task
             configs[str(body.get("project", "")).split(".")[0]] = config
-        if body.get("hostname") and fetcher.url is None:
-            fetcher.url = str(body["hostname"]).rstrip("/")
-        if body.get("access_token") and fetcher.token is None:
-            fetcher.token = str(body["access_token"])
+        # Label Studio also sends its "hostname" and "access_token": never used. The token the
+        # server holds goes only to the URL it was started with, not to one a request names.
         return {"model_version": model_name}
 
     @app.post("/predict")
@@ -171,7 +246,7 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         config = parse_label_config(body["label_config"]) if body.get("label_config") else configs.get(project)
         if config is None:
             raise BadInput("no label config: send label_config, or /setup the project first")
-        labels = labels_of(",".join(config.labels))
+        labels = names_of(config.labels)
         from starlette.concurrency import run_in_threadpool
 
         return {"results": await run_in_threadpool(_tasks, tasks, config, labels), "model_version": model_name}
@@ -179,20 +254,26 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
     def _tasks(tasks: list, config: LabelConfig, labels: list[str]) -> list[dict]:
         """One prediction per task, in order. All are queued before any is awaited, so a page of
         tasks shares batches; a task whose image cannot be had gets an empty prediction."""
-        queued = []
+        waiting = []
         for task in tasks:
             try:
                 ref = (task.get("data") or {}).get(config.data_key) if isinstance(task, dict) else None
-                pixels = decode(fetcher.fetch(ref), limits)
-                queued.append((pixels, batcher.submit(pixels, labels)))
+                waiting.append(queued(fetcher.fetch(ref), labels))
             except (BadImage, BadInput):  # TooLarge included
-                queued.append((None, None))
+                waiting.append((None, None))
+            except Busy:
+                _cancel(waiting)
+                raise
         out = []
-        for pixels, future in queued:
+        for i, (pixels, future) in enumerate(waiting):
             if future is None:
                 out.append({"result": [], "score": 0.0, "model_version": model_name})
                 continue
-            d = future.result(timeout=limits.timeout)
+            try:
+                d = wait(future)
+            except FutureTimeout:
+                _cancel(waiting[i + 1:])
+                raise
             h, w = pixels.shape[:2]
             out.append(prediction(d.boxes_xyxy.numpy(), d.names, d.scores.numpy(), w, h, from_name=config.from_name,
                                   to_name=config.to_name, model_version=model_name))
@@ -201,11 +282,28 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
     return app
 
 
+def _cancel(waiting: list) -> None:
+    """Cancel the queued ``(pixels, future)`` of a request that gives up."""
+    for _, future in waiting:
+        if future is not None:
+            future.cancel()
+
+
 def _no_paths():
     raise BadInput("this server does not read paths: upload the file as 'image', or start it with --allow-paths")
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def _json(request: Request) -> dict:
+    """The body as a JSON object, read only when sent as ``application/json``: a page in a browser
+    can send text/plain to any address without asking, but application/json only after a CORS
+    preflight, which this server does not answer."""
+    if _media_type(request) != "application/json":
+        raise WrongMediaType(f"send the body as JSON with 'Content-Type: application/json', not "
+                             f"{_media_type(request) or 'without a Content-Type'}")
     try:
         body = await request.json()
     except ValueError:

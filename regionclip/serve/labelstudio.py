@@ -4,8 +4,9 @@ Label Studio sends its project's labelling config (``/setup``'s ``schema``, ``/p
 ``label_config``): its ``RectangleLabels`` names the vocabulary and the result's ``from_name`` /
 ``to_name``; the ``Image`` tag's ``value`` (``$image``) names the task's data key. A task's
 image is a URL into Label Studio (``/data/upload/...``, ``/data/local-files/?d=...``), fetched
-from the Label Studio URL the server was given (``--label-studio-url`` or ``/setup``'s
-``hostname``) with its API token; a ``data:`` URI; or, only with ``--allow-paths``, a path.
+from the Label Studio URL the server was started with (``--label-studio-url``, never one a
+request names: the token goes there) with its API token, which no redirect carries on; a
+``data:`` URI; or, only with ``--allow-paths``, a path.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class LabelConfig:
 
 def parse_label_config(xml: str) -> LabelConfig:
     """The first ``RectangleLabels`` of ``xml`` and the ``Image`` it points at."""
+    if not isinstance(xml, str):
+        raise BadInput(f"label config must be the XML text of the labelling interface, but got {type(xml).__name__}")
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -83,7 +86,9 @@ class ImageFetcher:
         if not full.startswith(self.url + "/"):
             # only Label Studio's own files: a task must not make the server fetch arbitrary URLs
             raise BadInput(f"{ref!r} is not on the Label Studio at {self.url}")
-        request = urllib.request.Request(full, headers={"Authorization": f"Token {self.token}"} if self.token else {})
+        request = urllib.request.Request(full)
+        if self.token:  # unredirected: a redirect (to cloud storage, say) must not carry the token on
+            request.add_unredirected_header("Authorization", f"Token {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return self._limit(response.read(self.max_bytes + 1))
