@@ -8,8 +8,9 @@ second set.
 
 ``compile``: N classes of one exemplar each (the first N training GT boxes, so several per
 image, as a labelled set gives them) against N text labels, each on a fresh backend with no
-cache; prints both times and their ratio. ``check``: each class's precision and recall at the
-tuned file's thresholds on another set, beside what the file expected.
+cache; prints both times and their ratio. ``check``: each class's precision and recall on another
+set as the real pipeline gives them with the tuned file (``detect --vocab tuned.yaml``: its
+thresholds, then the model's NMS and ``max_detections``), beside what the file expected.
 """
 
 from __future__ import annotations
@@ -54,15 +55,14 @@ def bench_check(a) -> None:
     import yaml
 
     from regionclip import RegionCLIP
-    from regionclip.calibrate import collect, measure
+    from regionclip.calibrate import check
     from regionclip.evaluate import load_ground_truth
     from regionclip.vocabulary import Vocabulary
 
     data = yaml.safe_load(a.vocab.read_text())
     vocab = Vocabulary.from_yaml(a.vocab)
     model = RegionCLIP.from_pretrained(a.model)
-    collected = collect(model.predictor, load_ground_truth(a.annotations), a.images, vocab)
-    got = measure(collected, vocab.names, vocab.thresholds)
+    got = check(model.predictor, load_ground_truth(a.annotations), a.images, vocab)
     print(f"target {data.get('target')}; fitted on {data.get('calibrated_on', {}).get('annotations')}; "
           f"checked on {a.annotations}")
     print(f"{'class':18s} {'thr':>6s} {'P expected':>10s} {'P here':>7s} {'diff':>6s} {'R expected':>10s} {'R here':>7s}")

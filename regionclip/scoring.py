@@ -117,7 +117,7 @@ def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringCon
         keep, scores = drop_negatives(scores, rules.num_negatives)
         boxes_xyxy, scores = boxes_xyxy[keep], scores[keep]
     thr = class_thresholds(rules, cfg.score_threshold, scores.shape[1], scores)
-    rows, label_ids = torch.nonzero(scores > thr, as_tuple=True)
+    rows, label_ids = torch.nonzero(scores >= thr, as_tuple=True)
     boxes, kept = boxes_xyxy.float()[rows], scores.float()[rows, label_ids]
     if cfg.soft_nms:
         keep, kept = batched_soft_nms(boxes, kept, label_ids, max_picks=cfg.max_detections)
