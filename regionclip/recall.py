@@ -57,7 +57,8 @@ class ProposalRecall:
         gt = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float64), "xywh", "xyxy")
         boxes = boxes_xyxy.detach().to("cpu", torch.float64)
         order = torch.argsort(scores.detach().to("cpu", torch.float64), descending=True, stable=True)
-        iou = box_iou(boxes[order[: max(self.tops)]], gt) if len(boxes) else torch.zeros((0, len(gt)), dtype=torch.float64)
+        top = boxes[order[: max(self.tops)]]
+        iou = box_iou(top, gt) if len(top) else torch.zeros((0, len(gt)), dtype=torch.float64)
         rank = match_ranks(iou)
         found = torch.stack([rank < k for k in self.tops], dim=1)
         part = [self._part_of.get(a["category_id"]) for a in anns]
