@@ -55,6 +55,7 @@ def detect(
     text_embeddings: O.TextEmbeddings = None,
     vocab_file: O.VocabFile = None,
     exemplar: O.Exemplar = None,
+    distractors: O.Distractors = None,
     flags: O.ModelFlags = None,
 ) -> None:
     """Detect objects named by --labels in images; print a table, optionally write JSON and annotated images.
@@ -68,6 +69,7 @@ def detect(
     scoring = O.check_scoring_flags(score_threshold=score_threshold, max_detections=max_detections, nms_iou=nms_iou,
                                     top_k=top_k, agnostic_nms=agnostic_nms)
     O.check_positive("--batch-size", batch_size)
+    O.check_distractors(distractors)
     vocab = read_labels(labels, labels_file)
     classes = O.resolve_vocab(vocab, vocab_file, exemplar)  # None: plain labels
     export_dir = _onnx_export(flags)
@@ -91,7 +93,8 @@ def detect(
         shown = _Shown(bar)
         summary = detect_files(inputs, vocab, build, annotations=annotations, json_out=json_out, save_dir=save_dir,
                                text_embeddings=text_embeddings, batch_size=batch_size, num_workers=workers,
-                               scoring=scoring, before_run=before_run, on_result=shown.add, vocab=classes)
+                               scoring=scoring, before_run=before_run, on_result=shown.add, vocab=classes,
+                               distractors=distractors)
     console.print(shown.detections)
     console.print(shown.images)
     console.print(f"{len(summary.records)} detections in {summary.done} image(s)")

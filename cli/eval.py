@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from regionclip.errors import BadInput
 from regionclip.labels import read_label_lines
 
 from . import options as O
@@ -39,6 +40,8 @@ def render(report: dict) -> None:
             t.add_row(key, *[_fmt(rec[p][key]) for p in rec])
         t.add_row("GT boxes", *[str(rec[p]["gt"]) for p in rec])
         console.print(t)
+    if "short_lists" in report:
+        render_short_lists(report["short_lists"])
     s = report["settings"]
     if "images_per_second" in s:
         console.print(f"{s['images']} images in {s['seconds']:.1f} s ({s['images_per_second']:.2f} img/s), "
@@ -48,6 +51,29 @@ def render(report: dict) -> None:
     if report.get("images_mismatched"):
         warn(f"{report['images_mismatched']} image(s) do not have the size the annotation file gives them: "
              "other images of the same names? their figures mean little")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def render_short_lists(sl: dict) -> None:
+    """One row per list and the mean: listed names' precision, recall, AP50 and the foreign-label
+    rate, each beside the full vocabulary's run filtered to the list."""
+    st = sl["settings"]
+    t = Table("labels", "P", "R", "AP50", "foreign", "ref P", "ref R", "ref AP50", "ref foreign",
+              title=f"Short lists (%): {st['lists']} lists of {st['size']}, distractors {st['distractors']}; "
+                    "ref = all names, filtered to the list")
+    for row in [*sl["lists"], {"labels": ["mean"], **sl["mean"], "reference": sl["reference_mean"]}]:
+        ref = row["reference"]
+        t.add_row(", ".join(row["labels"]), _pct(row["precision"]), _pct(row["recall"]), _fmt(row["AP50"]),
+                  _pct(row["foreign"]), _pct(ref["precision"]), _pct(ref["recall"]), _fmt(ref["AP50"]),
+                  _pct(ref["foreign"]))
+    console.print(t)
+    change = sl["score_change_median"]
+    console.print(f"foreign = unlisted objects given a listed name (IoU >= 0.5); median score change of a "
+                  f"box between its list and all names: {'-' if change is None else f'{change:.3f}'} "
+                  f"({sl['score_changes']} boxes)")
 
 
 @O.with_model_flags()
@@ -69,6 +95,12 @@ def eval_(
     text_embeddings: O.TextEmbeddings = None,
     vocab_file: O.VocabFile = None,
     exemplar: O.Exemplar = None,
+    short_lists: Annotated[int, typer.Option(help=(
+        "Also detect N seeded random short lists of the vocabulary's names, each with only its names, and report "
+        "precision, recall, AP50 and the foreign-label rate per list beside the full vocabulary's (0: off)."))] = 0,
+    short_list_size: Annotated[int, typer.Option(help="Names per short list.")] = 3,
+    short_list_seed: Annotated[int, typer.Option(help="Seed of the short lists' draw.")] = 0,
+    distractors: O.Distractors = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.", show_default=False)] = None,
     results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.", show_default=False)] = None,
     flags: O.ModelFlags = None,
@@ -81,6 +113,9 @@ def eval_(
 
     O.check_positive("--top-k", top_k)
     O.check_positive("--batch-size", batch_size)
+    if short_lists < 0:
+        raise BadInput(f"--short-lists must be 0 (off) or more, but got {short_lists}")
+    O.check_distractors(distractors)
     classes = O.resolve_vocab(_vocabulary(vocabulary), vocab_file, exemplar)
     with progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -88,7 +123,8 @@ def eval_(
                           vocabulary=_vocabulary(vocabulary), proposals=proposals, top_k=top_k, batch_size=batch_size,
                           text_embeddings=text_embeddings, report_out=json_out, results_out=results_out,
                           progress=lambda n: bar.advance(task, n), total=lambda n: bar.update(task, total=n),
-                          vocab=classes)
+                          vocab=classes, distractors=distractors,
+                          short_lists=(short_lists, short_list_size, short_list_seed) if short_lists else None)
     render(report)
     if json_out is not None:
         console.print(f"wrote {json_out}")

@@ -27,6 +27,7 @@ def label(
                                                         show_default=False)] = None,
     vocab_file: O.VocabFile = None,
     exemplar: O.Exemplar = None,
+    distractors: O.Distractors = None,
     shard_size: Annotated[int, typer.Option(help="Images per shard file (the unit of resuming).")] = 1000,
     shard: Annotated[Optional[str], typer.Option("--shard", help=(
         "i/N: write only part i of N of the shards (SLURM arrays, other launchers)."), show_default=False)] = None,
@@ -63,6 +64,11 @@ def label(
     classes = O.resolve_vocab(vocab, vocab_file, exemplar)  # None: plain labels
     cfg = O.resolve_config(flags)
     vocab = classes if classes is not None else vocab or list(cfg.labels)
+    if O.check_distractors(distractors) is not None:  # carried by the vocabulary: the manifest records it
+        from regionclip.vocabulary import Vocabulary
+
+        vocab = Vocabulary.from_labels(vocab).with_distractors(distractors) if not isinstance(vocab, Vocabulary) \
+            else vocab.with_distractors(distractors)
     identity = {"model": model_identity(cfg, flags.model), "scoring": scoring_identity(cfg, scoring)}
     args = dict(identity=identity, shard_size=shard_size, part=part, rank=rank, world=world, overwrite=overwrite,
                 embeddings=embeddings, batch_size=batch_size, num_workers=workers, scoring=scoring)

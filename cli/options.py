@@ -85,6 +85,20 @@ Exemplar = Annotated[Optional[list[str]], typer.Option("--exemplar", help=(
     'An example box of a class, "NAME=IMAGE:x1,y1,x2,y2" (pixels; repeatable); adds to the class of that '
     "name or makes an exemplar-only one."), show_default=False)]
 
+Distractors = Annotated[Optional[str], typer.Option("--distractors", help=(
+    "Names scored beside the labels and never reported, so an unlisted object does not get the nearest "
+    "listed name: default (the model's: the demo's own 12 names, a CLIP preset's common objects), none, "
+    "labels, common, or a file with one name per line."), show_default=False)]
+
+
+def check_distractors(spec: str | None) -> str | None:
+    """The ``--distractors`` value, checked before any model loads."""
+    if spec is not None:
+        from regionclip.distractors import check_spec
+
+        check_spec(spec)
+    return spec
+
 
 def resolve_vocab(labels: Sequence[str] | None, vocab: Path | None, exemplars: Sequence[str] | None):
     """The command's ``Vocabulary`` (checked, exemplar headers read) or None for plain labels."""

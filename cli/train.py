@@ -61,8 +61,12 @@ def train(
             figures = event["eval"]
             ap = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if isinstance(v, float))
             recall = ", ".join(f"{k} {v:.1f}" for k, v in figures.get("R50@100", {}).items() if v is not None)
+            short = figures.get("short_lists")
+            short = (", ".join(f"{k} {v:.3f}" if k != "AP50" else f"{k} {v:.1f}" for k, v in short.items()
+                               if v is not None) if short else "")
             bar.console.print(f"{prefix}step {event['step']}: val AP50 {ap}"
-                              + (f"; proposal recall@100 (IoU 0.5) {recall}" if recall else ""))
+                              + (f"; proposal recall@100 (IoU 0.5) {recall}" if recall else "")
+                              + (f"; 3-name lists: {short}" if short else ""))
             return
         if stage not in tasks:  # a staged config: one bar per stage
             tasks[stage] = bar.add_task(prefix or "training", total=event["max_steps"])

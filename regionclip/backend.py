@@ -120,7 +120,7 @@ class TorchBackend:
         ``RegionCLIPModel.propose``) + ``scoring.select_pairs``. ``rules`` (``exemplars.VocabRules``):
         ``logits`` hold negative columns after the ``labels``; per-class thresholds."""
         cfg = scoring or self.model.cfg.scoring
-        columns = len(labels) + (rules.num_negatives if rules is not None else 0)
+        columns = len(labels) + (rules.extra if rules is not None else 0)
         out = []
         for i, (b, o, lg) in enumerate(zip(boxes, objectness, logits.split([len(b) for b in boxes]))):
             if cfg.recipe == "regionclip":
@@ -142,19 +142,45 @@ class TorchBackend:
         m = self.model
         scoring = scoring or m.cfg.scoring
         given = boxes is not None
-        refine = m.refines_boxes and not given
         with m.autocast():
-            if given:
-                objectness = [None] * len(boxes)
-            else:
-                boxes, objectness = m.propose(batch, logits=m.wants_logits(scoring))
-                if proposals_out is not None:
-                    proposals_out += [(batch.to_original(i, b), o) for i, (b, o) in enumerate(zip(boxes, objectness))]
-            regions = m.embed(batch, boxes, raw=refine)
-            if refine:
-                boxes = m.refine(batch, boxes, regions)
+            boxes, objectness, regions = self._regions(batch, scoring, boxes, proposals_out)
             logits = m.logits(regions, text_emb, background=scoring.background)
         return self.postprocess(batch, boxes, objectness, logits, labels, scoring, filter_boxes=not given, rules=rules)
+
+    def _regions(self, batch: ImageBatch, scoring: ScoringConfig, boxes=None, proposals_out: list | None = None):
+        """``(boxes, objectness, region features)`` of one batch: the proposals (or the given
+        ``boxes``, never refined), their embeddings, the boxes moved by the box head where it refines."""
+        m = self.model
+        given = boxes is not None
+        refine = m.refines_boxes and not given
+        if given:
+            objectness = [None] * len(boxes)
+        else:
+            boxes, objectness = m.propose(batch, logits=m.wants_logits(scoring))
+            if proposals_out is not None:
+                proposals_out += [(batch.to_original(i, b), o) for i, (b, o) in enumerate(zip(boxes, objectness))]
+        regions = m.embed(batch, boxes, raw=refine)
+        if refine:
+            boxes = m.refine(batch, boxes, regions)
+        return boxes, objectness, regions
+
+    def detect_runs(self, loaded: Sequence[LoadedImage], runs: Sequence, batch_size: int | None = None) -> list[list]:
+        """Per image of ``loaded``, one ``Detections`` per run ``(labels, text_emb, scoring, rules)``:
+        proposals and region embeddings computed once, then each run's logits and selection (the
+        runs differ in vocabulary and selection settings, e.g. short-list evaluation's lists). The
+        runs share the proposal stage's objectness kind (``RegionCLIPModel.wants_logits``) of the first."""
+        m = self.model
+        out: list = [None] * len(loaded)
+        for idx in aspect_groups([x.pixels.shape[:2] for x in loaded], batch_size or len(loaded)):
+            batch = self.batch([loaded[i] for i in idx])
+            with m.autocast():
+                boxes, objectness, regions = self._regions(batch, runs[0][2])
+                per_run = [self.postprocess(batch, boxes, objectness,
+                                            m.logits(regions, emb, background=cfg.background), labels, cfg, rules=rules)
+                           for labels, emb, cfg, rules in runs]
+            for k, i in enumerate(idx):
+                out[i] = [dets[k] for dets in per_run]
+        return out
 
     # ----------------------------------------------------------------------------- one chunk
     def detect_chunk(self, loaded: Sequence[LoadedImage], labels: Sequence[str], text_emb: torch.Tensor,

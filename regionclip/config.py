@@ -157,6 +157,11 @@ class ModelConfig:
     # The model's own vocabulary, for `detect` without --labels (a model trained on a closed set,
     # such as the demo's 12 shapes); empty: labels must be given.
     labels: list[str] = field(default_factory=list)
+    # Names scored beside every vocabulary and never reported (regionclip/distractors.py), so that
+    # with a short list an unlisted object is not given the nearest listed name: "labels" (the
+    # names above: a closed-set model's own world), "common" (the shipped common-object names, for
+    # CLIP presets), a text file, a list of names; none (null) scores the listed names alone.
+    distractors: str | list[str] | None = None
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     regions: RegionConfig = field(default_factory=RegionConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -118,6 +118,7 @@ class RegionCLIP(RegionCLIPModel):
         proposals_out: list | None = None,
         vocab=None,
         exemplars=(),
+        distractors=None,
     ) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
@@ -133,10 +134,12 @@ class RegionCLIP(RegionCLIPModel):
         ``vocab`` (a ``Vocabulary``, YAML path or dict; ``labels`` may be a ``Vocabulary``) gives
         classes with prompts, exemplars, negatives and thresholds; ``exemplars`` adds examples,
         ``{name: [(image, (x1, y1, x2, y2)) or a (D,) embedding, ...]}`` or
-        ``["NAME=IMAGE:x1,y1,x2,y2", ...]`` (docs/vocabulary.md).
+        ``["NAME=IMAGE:x1,y1,x2,y2", ...]`` (docs/vocabulary.md). ``distractors``: names scored
+        beside the labels and never reported, so an unlisted object is not given a listed name
+        (``"default"``: the model's own, ``"none"``, ``"common"``, a file or a list; ``Predictor.stream``).
         """
         return self.predictor.detect(images, labels, boxes, text_embeddings=text_embeddings,
                                      score_threshold=score_threshold, nms_iou=nms_iou,
                                      max_detections=max_detections, top_k=top_k, agnostic_nms=agnostic_nms,
                                      batch_size=batch_size, num_workers=num_workers, proposals_out=proposals_out,
-                                     vocab=vocab, exemplars=exemplars)
+                                     vocab=vocab, exemplars=exemplars, distractors=distractors)

@@ -68,6 +68,8 @@ def evaluate_model(
     gather: Callable[[object], list] | None = None,
     text_embeddings=None,
     vocab=None,
+    distractors=None,
+    short_lists: tuple[int, int, int] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run ``model`` over every image of ``coco`` (a pycocotools COCO) and score it.
 
@@ -80,6 +82,9 @@ def evaluate_model(
     ``text_embeddings`` (a tensor or concept-embedding file, one row per vocabulary label, in
     order) replaces encoding the vocabulary (``RegionCLIP.vocabulary``). ``vocab`` (a
     ``vocabulary.Vocabulary``) replaces ``vocabulary``: its classes, compiled once.
+    ``distractors`` as ``Predictor.stream`` takes them (None: the model's own). ``short_lists``
+    ``(count, size, seed)`` adds ``report["short_lists"]`` (``shortlists.evaluate_short_lists``:
+    seeded lists of ``size`` names from the vocabulary, each detected alone), a second pass.
     """
     if proposals not in ("model", "gt"):
         raise BadInput(f"unknown proposals '{proposals}': use model or gt")
@@ -118,7 +123,7 @@ def evaluate_model(
         # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
         results = predictor.stream(paths, **named, text_embeddings=text_embeddings, batch_size=batch_size,
                                    num_workers=workers, proposals=True, top_k=top_k, score_threshold=threshold,
-                                   agnostic_nms=False, max_detections=COCO_MAX_DETECTIONS)
+                                   agnostic_nms=False, max_detections=COCO_MAX_DETECTIONS, distractors=distractors)
     else:
         gts = {i: gt_boxes(coco, i) for i in ids_run}
         results = predictor.iter_classify(paths, named.get("labels"), [gts[i][1] for i in ids_run],
@@ -170,6 +175,16 @@ def evaluate_model(
     if recall is not None:
         # Class-agnostic: what the proposal stage hands the region classifier (regionclip/recall.py).
         report["proposal_recall"] = recall.summary()
+    if short_lists is not None:
+        if gather is not None and shard[1] > 1:
+            raise BadInput("short-list evaluation runs in one process; leave out the short lists under several ranks")
+        from .shortlists import evaluate_short_lists, pick_lists
+
+        count, size, seed = short_lists
+        lists = pick_lists(labels, size, count, seed)
+        report["short_lists"] = evaluate_short_lists(predictor, coco, paths, ids_run, labels, lists,
+                                                     distractors=distractors, batch_size=batch_size, workers=workers,
+                                                     progress=progress)
     if vocab is not None:
         report["vocabulary"] = vocab.to_manifest()  # what reproduces the run
     report["settings"] = {
@@ -250,12 +265,16 @@ def run_eval(
     progress: Progress | None = None,
     total: Callable[[int], None] | None = None,
     vocab=None,
+    distractors=None,
+    short_lists: tuple[int, int, int] | None = None,
 ) -> dict:
     """``regionclip eval`` as one call: score ``results`` (a COCO results JSON), or run the model
     ``build()`` returns over ``images`` (``evaluate_model``); write ``report_out`` / ``results_out``.
 
     Every argument, output path, the split and the embeddings' count are checked before
     ``build`` is called. ``vocab`` (a checked ``vocabulary.Vocabulary``) replaces ``vocabulary``. ``total(n)`` is told the number of images before they run.
+    ``distractors`` and ``short_lists`` as ``evaluate_model`` takes them (short lists: a second pass,
+    counted in ``total``).
     """
     import json
 
@@ -273,6 +292,19 @@ def run_eval(
         if results is not None:
             raise BadInput("--vocab and --exemplar are for running a model (--images), not for scoring --results")
         vocabulary = vocab.names
+    if short_lists is not None:
+        from .shortlists import pick_lists
+
+        if results is not None:
+            raise BadInput("--short-lists runs the model with each list (--images), it cannot score --results")
+        if text_embeddings is not None or vocab is not None:
+            raise BadInput("--short-lists draws plain names from the vocabulary: leave out --text-embeddings, "
+                           "--vocab and --exemplar")
+        pick_lists(vocabulary_for(gt, vocabulary)[0], short_lists[1], short_lists[0], short_lists[2])  # checked now
+    if distractors is not None:
+        from .distractors import check_spec
+
+        check_spec(distractors)
     parts = load_split(split) if split is not None else None
     if parts is not None:
         check_split(gt, parts, vocabulary if results is None else None)
@@ -298,10 +330,11 @@ def run_eval(
             raise BadImage(f"images folder not found: {images}")
         model = build()
         if total is not None:
-            total(len(gt.imgs))
+            total(len(gt.imgs) * (2 if short_lists is not None else 1))
         report, records = evaluate_model(model, gt, images, split=parts, vocabulary=vocabulary, proposals=proposals,
                                          top_k=top_k, batch_size=batch_size, text_embeddings=text_embeddings,
-                                         progress=progress, vocab=vocab)
+                                         progress=progress, vocab=vocab, distractors=distractors,
+                                         short_lists=short_lists)
         if results_out is not None:
             atomic_write_json(results_out, records, indent=None)
     if report_out is not None:

@@ -285,6 +285,19 @@ def coco_map(
     return report
 
 
+def coco_ap50(coco_gt: COCO, records: Sequence[Mapping[str, Any]], cat_ids: Sequence[int]) -> float | None:
+    """COCO AP at IoU 0.5 (percent, 100 detections per image) over the categories ``cat_ids``
+    only; None when they have no ground truth (or none is given)."""
+    if not cat_ids:
+        return None
+    coco_eval = COCOeval(coco_gt, _load_results(coco_gt, check_results(coco_gt, records)), iouType="bbox")
+    coco_eval.params.catIds = list(cat_ids)
+    with _quiet():
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    return _summary(coco_eval.eval["precision"], coco_eval.params, range(len(cat_ids)))["AP50"]
+
+
 def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``report`` as indented JSON, atomically (``regionclip.outputs.atomic_write_json``).
 

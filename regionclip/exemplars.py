@@ -29,11 +29,17 @@ from .vocabulary import EXEMPLAR_WEIGHT, Vocabulary
 @dataclass(frozen=True)
 class VocabRules:
     """What scoring needs beyond the embeddings: the rows after the classes are ``num_negatives``
-    negatives (a box whose best row is one is dropped), and per-class ``thresholds`` (None: the
-    global score threshold)."""
+    negatives, then ``num_distractors`` distractors (``distractors``; a box whose best row is one
+    of either is dropped), and per-class ``thresholds`` (None: the global score threshold)."""
 
     num_negatives: int = 0
     thresholds: tuple[float | None, ...] = ()
+    num_distractors: int = 0
+
+    @property
+    def extra(self) -> int:
+        """Rows after the classes: negatives and distractors, scored alike and never reported."""
+        return self.num_negatives + self.num_distractors
 
     def threshold_list(self, default: float, num_classes: int) -> list[float]:
         """One score threshold per class: its own where set, ``default`` elsewhere."""
@@ -42,7 +48,7 @@ class VocabRules:
 
     @property
     def active(self) -> bool:
-        return self.num_negatives > 0 or any(t is not None for t in self.thresholds)
+        return self.extra > 0 or any(t is not None for t in self.thresholds)
 
 
 @dataclass

@@ -52,6 +52,7 @@ def detect_files(
     before_run: Callable[[DetectSummary], None] | None = None,
     on_result: Callable[[Prediction, Path], None] | None = None,
     vocab=None,
+    distractors=None,
 ) -> DetectSummary:
     """Detect ``labels`` in every image of ``inputs``; write ``json_out`` and ``save_dir`` copies.
 
@@ -62,7 +63,8 @@ def detect_files(
     then holds ``problems`` and ``warnings`` to show);
     ``on_result(prediction, shown_path)`` for every image as it finishes (``shown_path``: the
     path relative to the inputs' common folder). ``vocab`` (a checked ``vocabulary.Vocabulary``)
-    replaces ``labels``: its classes are the labels. Returns a ``DetectSummary``; the records hold
+    replaces ``labels``: its classes are the labels. ``distractors`` as ``Predictor.stream`` takes
+    them (None: the vocabulary's or the model's). Returns a ``DetectSummary``; the records hold
     ``image`` and ``label`` besides COCO's ids (``Detections.to_records``).
     """
     from .visualize import save_annotated
@@ -93,7 +95,8 @@ def detect_files(
     try:
         named = {"vocab": vocab} if vocab is not None else {"labels": labels}
         for p in net.stream(paths, **named, text_embeddings=text_embeddings, batch_size=batch_size,
-                            num_workers=workers, keep_images=targets is not None, **(scoring or {})):
+                            num_workers=workers, keep_images=targets is not None, distractors=distractors,
+                            **(scoring or {})):
             if p.error:
                 summary.failed += 1
             else:

@@ -29,7 +29,8 @@ from .box_head import BoxRefiner
 from .build import checkpoint_config, load_parts, save_checkpoint
 from .config import (ModelConfig, ScoringConfig, apply_overrides, check_scoring, from_dict, list_model_presets, load_config,
                      model_preset_path, to_dict)
-from .errors import BadConfig, WeightsUnavailable
+from .distractors import check_spec
+from .errors import BadConfig, BadInput, WeightsUnavailable
 from .proposals import ProposalStage
 from .regions import build_region_encoder
 from .runtime import autocast_for, resolve_device
@@ -69,6 +70,7 @@ class RegionCLIPModel(nn.Module):
                 data[key] = value
         self.cfg = cfg = from_dict(ModelConfig, data, where="model")
         check_scoring(cfg.scoring)
+        check_distractors(cfg.distractors)
         if cfg.text.ensemble not in ENSEMBLES:
             raise BadConfig(f"unknown text ensemble '{cfg.text.ensemble}': use {' or '.join(ENSEMBLES)}")
         self.device = resolve_device(cfg.device)
@@ -89,6 +91,7 @@ class RegionCLIPModel(nn.Module):
             raise WeightsUnavailable(f"{where}: the background embedding has {parts.background.numel()} values, "
                                      f"the CLIP embeds to {dim}")
         self.register_buffer("background_embedding", parts.background, persistent=False)
+        self.clip_key = parts.clip_key  # names the CLIP weights for on-disk embedding caches
         self.text = ENSEMBLES[cfg.text.ensemble](
             clip.encode_text, tokenizer_for(cfg.clip_model), cfg.text.templates,
             model_key=parts.clip_key, device=self.device, chunk_size=cfg.text.chunk_size,
@@ -212,6 +215,14 @@ class RegionCLIPModel(nn.Module):
         """(L, D) unit-norm label embeddings (cached)."""
         with self.autocast():
             return self.text(labels)
+
+
+def check_distractors(spec) -> None:
+    """A model config's ``distractors`` that names no source is a ``BadConfig``, before any weights load."""
+    try:
+        check_spec(spec)
+    except BadInput as exc:
+        raise BadConfig(f"model {exc}") from None
 
 
 def resolve_model_config(name_or_path: str, overrides: Sequence[str] = ()) -> ModelConfig:

@@ -37,6 +37,7 @@ class Prediction:
     original-image pixels, on the backend's device. ``image`` (with ``keep_images``) is what
     was decoded, reduced for very large files. ``seconds`` is this image's share of its chunk's
     time. ``proposals``: ``(boxes_xyxy, objectness)`` in original pixels, when asked for.
+    ``runs``: ``stream_runs``' detections, one per run.
     """
 
     source: Any
@@ -48,6 +49,7 @@ class Prediction:
     error: str | None = None
     seconds: float = 0.0
     proposals: tuple[torch.Tensor, torch.Tensor] | None = None
+    runs: list[Detections] | None = None  # ``Predictor.stream_runs``: one per run
 
     @property
     def path(self) -> Path | None:
@@ -202,19 +204,21 @@ class Predictor:
             raise BadInput("pass a vocabulary or exemplars to compile")
         return compile_vocabulary(v, self.backend)
 
-    def _vocab(self, labels, text_embeddings, vocab, exemplars):
+    def _vocab(self, labels, text_embeddings, vocab, exemplars, distractors=None):
         """``(names, embeddings, rules)`` for one call: plain labels / stored embeddings as
-        ``vocabulary``; a ``Vocabulary`` (also as ``labels``) or ``exemplars`` compiled."""
-        from .vocabulary import Vocabulary
-
+        ``vocabulary``; a ``Vocabulary`` (also as ``labels``) or ``exemplars`` compiled; then the
+        distractors (``distractors``: this call's, else the vocabulary's, else the model's) appended."""
         from .exemplars import CompiledVocabulary
+        from .vocabulary import Vocabulary
 
         if isinstance(labels, Vocabulary):
             labels, vocab = None, labels if vocab is None else vocab
         if isinstance(vocab, CompiledVocabulary) and labels is None and not exemplars:
-            return vocab.names, vocab.embeddings, vocab.rules  # compiled once by the caller (a server's cache)
+            # compiled once by the caller (a server's cache)
+            return self._distract(vocab.names, vocab.embeddings, vocab.rules, vocab.vocabulary, distractors)
         if vocab is None and not exemplars:
-            return (*self.vocabulary(labels, text_embeddings), None)
+            names, emb = self.vocabulary(labels, text_embeddings)
+            return self._distract(names, emb, None, None, distractors)
         if text_embeddings is not None:
             raise BadInput("text_embeddings replace encoding plain labels; with a vocabulary or exemplars "
                            "give the classes there instead")
@@ -222,7 +226,15 @@ class Predictor:
             raise BadInput("give labels or a vocabulary, not both")
         v = Vocabulary.resolve(labels=labels, vocab=vocab, exemplars=exemplars)
         c = self.compile(v)
-        return c.names, c.embeddings, c.rules
+        return self._distract(c.names, c.embeddings, c.rules, v, distractors)
+
+    def _distract(self, names, emb, rules, vocab, distractors):
+        from . import distractors as D
+
+        spec = distractors if distractors is not None else getattr(vocab, "distractors", None)
+        terms = [t for c in vocab.classes for t in c.prompts] + vocab.negatives if vocab is not None else []
+        emb, rules = D.attach(self.backend, names, emb, rules, terms, spec)
+        return names, emb, rules
 
     # --------------------------------------------------------------------------------- stream
     def _chunks(self, sources: Iterable, boxes: Iterable | None, batch_size: int | None, num_workers: int | None,
@@ -238,7 +250,7 @@ class Predictor:
     def stream(self, sources: Iterable, labels: Sequence[str] | None = None, *, boxes: Iterable | None = None,
                text_embeddings=None, batch_size: int | None = None, num_workers: int | None = None,
                keep_images: bool = False, proposals: bool = False, window: int | None = None,
-               vocab=None, exemplars=(), **scoring) -> Iterator[Prediction]:
+               vocab=None, exemplars=(), distractors=None, **scoring) -> Iterator[Prediction]:
         """Yield a ``Prediction`` per source, in order, as each chunk finishes.
 
         ``labels`` / ``text_embeddings``: the vocabulary (``vocabulary``), resolved once.
@@ -253,10 +265,14 @@ class Predictor:
         ``batch_size`` inputs); a larger window pads less and holds more images in memory.
         ``vocab`` (a ``vocabulary.Vocabulary``, a YAML path or a dict; ``labels`` may be a
         ``Vocabulary`` too) and ``exemplars`` (``Vocabulary.resolve``): classes with prompts,
-        exemplars, negatives and thresholds, compiled once here (``compile``).
+        exemplars, negatives and thresholds, compiled once here (``compile``). ``distractors``
+        (``regionclip.distractors``): names scored beside the labels and never reported, so an
+        unlisted object is not given a listed name: ``"default"``/None (the vocabulary's, else the
+        model's: the demo's own 12 names, a CLIP preset's common objects), ``"none"``, ``"labels"``,
+        ``"common"``, a file or a list of names.
         """
         cfg = self.scoring_config(**scoring)
-        labels, text_emb, rules = self._vocab(labels, text_embeddings, vocab, exemplars)
+        labels, text_emb, rules = self._vocab(labels, text_embeddings, vocab, exemplars, distractors)
         chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window)  # checks the counts now
         return self._stream(chunks, size, labels, text_emb, cfg, boxes is not None, keep_images, proposals, rules)
 
@@ -281,6 +297,44 @@ class Predictor:
                 if it.error is None:
                     p.detections, p.proposals = next(done)
                     p.seconds = share
+                yield p
+
+    def stream_runs(self, sources: Iterable, runs: Sequence[dict], *, batch_size: int | None = None,
+                    num_workers: int | None = None) -> Iterator[Prediction]:
+        """Like ``stream``, for several vocabularies and selections at once: each run is a dict of
+        ``stream``'s keywords (``labels``, ``vocab``, ``distractors``, scoring overrides). Each
+        ``Prediction``'s ``runs`` holds one ``Detections`` per run, in order. A backend with
+        ``detect_runs`` (the torch one) proposes and embeds each image once for all runs; others run
+        each vocabulary in turn."""
+        if not runs:
+            raise BadInput("stream_runs needs at least one run")
+        resolved = []
+        for run in runs:
+            run = dict(run)
+            names, emb, rules = self._vocab(run.pop("labels", None), run.pop("text_embeddings", None),
+                                            run.pop("vocab", None), run.pop("exemplars", ()), run.pop("distractors", None))
+            resolved.append((names, emb, self.scoring_config(**run), rules))
+        chunks, size = self._chunks(sources, None, batch_size, num_workers, None)
+        return self._stream_runs(chunks, size, resolved)
+
+    @torch.inference_mode()
+    def _stream_runs(self, chunks, size: int, runs) -> Iterator[Prediction]:
+        many = getattr(self.backend, "detect_runs", None)
+        for items in chunks:
+            good = [it for it in items if it.error is None]
+            results = []
+            if good and many is not None:
+                results = many([it.loaded for it in good], runs, size)
+            elif good:
+                each = [self.backend.detect_chunk([it.loaded for it in good], labels, emb, cfg, None, False, size,
+                                                  **({"rules": rules} if rules is not None else {}))
+                        for labels, emb, cfg, rules in runs]
+                results = [[r[k][0] for r in each] for k in range(len(good))]
+            done = iter(results)
+            for it in items:
+                p = self._prediction(it, False)
+                if it.error is None:
+                    p.runs = next(done)
                 yield p
 
     def _boxes(self, b):
@@ -325,7 +379,7 @@ class Predictor:
     def detect(self, images, labels: Sequence[str] | None = None, boxes=None, *, text_embeddings=None,
                batch_size: int | None = None, num_workers: int | None = None,
                proposals_out: list | None = None, window: int | None = LIST_WINDOW,
-               vocab=None, exemplars=(), **scoring) -> Detections | list[Detections]:
+               vocab=None, exemplars=(), distractors=None, **scoring) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
         ``boxes`` (N, 4 xyxy pixels, or a list of them for a list of images) skips the proposal
@@ -343,7 +397,8 @@ class Predictor:
         out, found = [], []
         for p in self.stream(items, labels, boxes=boxes, text_embeddings=text_embeddings, batch_size=batch_size,
                              num_workers=num_workers, proposals=proposals_out is not None and boxes is None,
-                             window=window, vocab=vocab, exemplars=exemplars, **scoring):
+                             window=window, vocab=vocab, exemplars=exemplars, distractors=distractors,
+                             **scoring):
             if p.error is not None:
                 raise BadImage(p.error)
             out.append(p.detections)

@@ -60,8 +60,8 @@ def probabilities(logits: torch.Tensor, num_labels: int, objectness: torch.Tenso
 
 
 def drop_negatives(probs: torch.Tensor, num_negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C + M) scores whose last ``num_negatives`` columns are negatives -> ``(keep (N,) bool,
-    (N, C) class scores)``: a box whose best column is a negative is not kept."""
+    """(N, C + M) scores whose last ``num_negatives`` columns are negatives (or distractors) ->
+    ``(keep (N,) bool, (N, C) class scores)``: a box whose best column is one of them is not kept."""
     if num_negatives <= 0:
         return torch.ones(len(probs), dtype=torch.bool, device=probs.device), probs
     classes = probs.shape[1] - num_negatives
@@ -82,24 +82,32 @@ def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vo
     class-agnostic NMS (``cfg.agnostic_nms``) and ``max_detections``. Without it every box
     comes back with its k labels, in input order. Stays on the tensors' device.
 
-    ``rules`` (``exemplars.VocabRules``): ``probs`` has negative columns after the classes; with
-    ``filter_boxes`` a box whose best match is a negative is dropped (given boxes only lose the
-    columns), and each class is held to its own threshold."""
-    if rules is not None:
-        keep, probs = drop_negatives(probs, rules.num_negatives)
-        if filter_boxes:
-            boxes_xyxy, probs = boxes_xyxy[keep], probs[keep]
+    ``rules`` (``exemplars.VocabRules``): ``probs`` has ``rules.extra`` columns after the classes
+    (negatives, then distractors), each class its own threshold. With ``filter_boxes`` a box whose
+    best match is an extra column goes through the threshold and both NMS with its labels, so it
+    suppresses weaker boxes on the same object, and is then removed with every extra label;
+    ``max_detections`` counts what is left. Given boxes only lose the extra columns."""
+    extra = rules.extra if rules is not None else 0
+    classes = probs.shape[1] - extra
+    if extra and not filter_boxes:
+        probs = probs[:, :classes]
     k = max(1, min(cfg.top_k, probs.shape[1]))
     scores, label_ids = probs.topk(k, dim=1)
+    won = label_ids[:, :1].expand(-1, k).reshape(-1) >= classes  # the box's best match is an extra row
     boxes = boxes_xyxy.float()[:, None].expand(-1, k, 4).reshape(-1, 4)
     scores, label_ids = scores.reshape(-1), label_ids.reshape(-1)
     if filter_boxes:
-        thr = class_thresholds(rules, cfg.score_threshold, probs.shape[1], scores)
-        keep = scores >= (thr[label_ids] if rules is not None else thr)
-        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
-        keep = batched_nms(boxes, scores, label_ids, cfg.nms_iou)
+        if rules is not None:
+            thr = class_thresholds(rules, cfg.score_threshold, classes, scores)
+            thr = torch.cat([thr, thr.new_full((extra,), float(cfg.score_threshold))])[label_ids]
+        else:
+            thr = cfg.score_threshold
+        keep = torch.nonzero(scores >= thr).flatten()
+        keep = keep[batched_nms(boxes[keep], scores[keep], label_ids[keep], cfg.nms_iou)]
         if cfg.agnostic_nms:
             keep = keep[nms(boxes[keep], scores[keep], cfg.agnostic_nms_iou)]
+        if extra:
+            keep = keep[~won[keep] & (label_ids[keep] < classes)]
         keep = keep[: cfg.max_detections]
         boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
     return Detections(boxes, scores, label_ids, tuple(vocabulary))
@@ -114,7 +122,7 @@ def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringCon
     empty boxes dropped (detectron2's ``detector_postprocess``). Stays on the tensors' device.
     ``rules``: negatives and per-class thresholds, as in ``select``."""
     if rules is not None:
-        keep, scores = drop_negatives(scores, rules.num_negatives)
+        keep, scores = drop_negatives(scores, rules.extra)
         boxes_xyxy, scores = boxes_xyxy[keep], scores[keep]
     thr = class_thresholds(rules, cfg.score_threshold, scores.shape[1], scores)
     rows, label_ids = torch.nonzero(scores >= thr, as_tuple=True)

@@ -197,10 +197,16 @@ class Vocabulary:
     """
 
     classes: tuple[VocabClass, ...]
+    # The names scored beside the classes and never reported (``regionclip.distractors``): None
+    # leaves it to the call / the model; "none", "labels", "common", a file path or a tuple of names.
+    distractors: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not self.classes:
             raise BadInput("a vocabulary needs at least one class")
+        from .distractors import check_spec
+
+        check_spec(self.distractors)
         names = [c.name for c in self.classes]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
@@ -234,8 +240,14 @@ class Vocabulary:
     @property
     def is_plain(self) -> bool:
         """Names only: the same embeddings and scoring as a plain label list."""
-        return all(c.prompts in ((), (c.name,)) and not c.exemplars and not c.negatives and c.threshold is None
-                   for c in self.classes)
+        return self.distractors is None and all(
+            c.prompts in ((), (c.name,)) and not c.exemplars and not c.negatives and c.threshold is None
+            for c in self.classes)
+
+    def with_distractors(self, spec) -> Vocabulary:
+        """This vocabulary with its distractors set to ``spec`` (``regionclip.distractors``: default,
+        none, labels, common, a file, relative to the working folder, or a list of names)."""
+        return dataclasses.replace(self, distractors=_distractor_spec(spec, None, "distractors"))
 
     # -------------------------------------------------------------------------------- build
     @classmethod
@@ -247,7 +259,13 @@ class Vocabulary:
 
     @classmethod
     def from_dict(cls, data: Mapping, root: str | os.PathLike | None = None, where: str = "vocabulary") -> Vocabulary:
-        """``{name: {prompts, exemplars, negatives, threshold} or None}``; exemplar paths relative to ``root``."""
+        """``{name: {prompts, exemplars, negatives, threshold} or None}``; exemplar paths relative to ``root``.
+        A ``distractors`` key whose value is not a mapping (none, common, a file relative to ``root``,
+        a list of names) sets the vocabulary's distractors; a class of that name needs a mapping."""
+        if isinstance(data, Mapping) and "distractors" in data and not isinstance(data["distractors"], Mapping):
+            data = dict(data)
+            spec = _distractor_spec(data.pop("distractors"), root, where)
+            return dataclasses.replace(cls.from_dict(data, root, where), distractors=spec)
         if not isinstance(data, Mapping) or not data:
             raise BadInput(f"{where}: expected a mapping of class names to their settings, e.g. "
                            "dog: {prompts: [dog, puppy], threshold: 0.3}")
@@ -287,7 +305,8 @@ class Vocabulary:
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise BadInput(f"{path}: not a readable YAML file ({str(exc).splitlines()[0]})") from None
         if isinstance(data, Mapping) and "classes" in data and isinstance(data["classes"], Mapping):
-            data = data["classes"]  # a calibrated file: {target: ..., classes: {...}}
+            # a calibrated file: {target: ..., classes: {...}}, its distractors beside the classes
+            data = {**data["classes"], **({"distractors": data["distractors"]} if "distractors" in data else {})}
         return cls.from_dict(data, path.parent, str(path))
 
     @classmethod
@@ -326,16 +345,19 @@ class Vocabulary:
             else:  # a named class keeps its name as a prompt: --labels cat --exemplar cat=... is text + exemplar
                 c = classes[i]
                 classes[i] = dataclasses.replace(c, prompts=c.text_prompts, exemplars=c.exemplars + (ex,))
-        return cls(tuple(classes))
+        return cls(tuple(classes), out.distractors if out is not None else None)
 
     def to_manifest(self) -> dict:
         """A JSON-able description (what a results manifest records to reproduce the run)."""
-        return {"classes": self._entries(lambda e: e.to_manifest(), lambda t: t), "exemplar_weight": EXEMPLAR_WEIGHT}
+        out = {"classes": self._entries(lambda e: e.to_manifest(), lambda t: t), "exemplar_weight": EXEMPLAR_WEIGHT}
+        if self.distractors is not None:
+            out["distractors"] = _spec_out(self.distractors)
+        return out
 
     def to_yaml_dict(self) -> dict:
         """``{name: settings}`` as a vocabulary file writes it (exemplars as IMAGE:x1,y1,x2,y2;
-        precomputed exemplar embeddings have no file form and are left out)."""
-        return self._entries(
+        precomputed exemplar embeddings have no file form and are left out), and ``distractors`` when set."""
+        return ({"distractors": _spec_out(self.distractors)} if self.distractors is not None else {}) | self._entries(
             lambda e: None if e.embedding is not None else
             f"{Path(e.image).resolve()}:" + ",".join(f"{v:g}" for v in e.box_xyxy),
             lambda t: round(float(t), 6))
@@ -357,6 +379,22 @@ class Vocabulary:
                 entry["threshold"] = threshold(c.threshold)
             out[c.name] = entry
         return out
+
+
+def _distractor_spec(value, root, where: str):
+    """A vocabulary's ``distractors`` value: a source name, a file (relative to ``root``) or names."""
+    from .distractors import BUILTIN, DEFAULT, NONE
+
+    if isinstance(value, str):
+        if value.strip().lower() in (DEFAULT, NONE, *BUILTIN):
+            return value.strip().lower()
+        path = Path(value).expanduser()
+        return str((path if root is None or path.is_absolute() else Path(root) / path).resolve())
+    return _strings(value, f"{where}: distractors")
+
+
+def _spec_out(spec):
+    return list(spec) if isinstance(spec, tuple) else spec
 
 
 def _items(value, where: str) -> list:

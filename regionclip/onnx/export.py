@@ -85,6 +85,8 @@ from .manifest import FORMAT, GRAPHS, MANIFEST, OPSET, SECOND_STAGE, file_digest
 from .graphs import CropGraph, PoolGraph, ProposalGraph, ScoringGraph, SecondStageGraph, TextGraph
 from .tokenizer import BPE_FILE
 
+DISTRACTORS_FILE = "distractors.npy"
+
 EXPORTER = "torchscript"
 
 
@@ -152,7 +154,23 @@ def export_onnx(model: RegionCLIP, out_dir: str | os.PathLike, opset: int = OPSE
     manifest = _manifest(model, opset, graphs)
     manifest["tokenizer"] = {"file": BPE_FILE, "sha256": file_digest(out / BPE_FILE),
                              "context_length": int(model.text.tokenizer.context_length)}
+    manifest["distractors"] = _write_distractors(model, out)
     return write_manifest(out, manifest)
+
+
+def _write_distractors(model: RegionCLIP, out: Path) -> dict:
+    """The model's default distractors (``regionclip.distractors``) as the export carries them:
+    their names, and their embeddings in ``distractors.npy`` ((N, D) float32 unit rows), so the
+    runtime scores them without encoding a name. An empty list writes no file."""
+    from .. import distractors as D
+
+    names = D.model_names(model.predictor.backend)
+    (out / DISTRACTORS_FILE).unlink(missing_ok=True)
+    if not names:
+        return {"names": []}
+    emb = D.embeddings(model.predictor.backend, names).float().cpu().numpy()
+    np.save(out / DISTRACTORS_FILE, emb.astype(np.float32))
+    return {"names": names, "file": DISTRACTORS_FILE, "sha256": file_digest(out / DISTRACTORS_FILE)}
 
 
 def _graph_specs(model: RegionCLIP) -> dict:

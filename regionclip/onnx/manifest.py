@@ -95,7 +95,8 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     if missing:
         raise WeightsUnavailable(f"{path} lists no {missing[0]} graph: {_REEXPORT}")
     if verify:
-        for entry in [*files.values(), data["tokenizer"]]:
+        extra = [data["distractors"]] if data.get("distractors", {}).get("file") else []
+        for entry in [*files.values(), data["tokenizer"], *extra]:
             check_file(folder, entry)
     return data
 

@@ -57,6 +57,11 @@ class OnnxDetector:
         self.tokenizer = ClipTokenizer(self.folder / m["tokenizer"]["file"], m["tokenizer"]["context_length"])
         self.labels_encoded = 0  # label embeddings computed by the text graph (the rest came from the cache)
         self._text_cache: dict[str, np.ndarray] = {}
+        # The exported model's default distractors (regionclip.distractors), embedded at export.
+        d = m.get("distractors") or {}
+        self.distractor_names = list(d.get("names") or [])
+        self.distractor_embeddings = (np.load(self.folder / d["file"]).astype(F32) if self.distractor_names
+                                      else None)
 
     def _session(self, ort, opts, name: str):
         entry = self.manifest["graphs"][name]
@@ -270,27 +275,28 @@ class OnnxDetector:
         score threshold, per-label NMS, the label-blind NMS when on, ``max_detections``.
         Returns ``(boxes_xyxy (K, 4), scores (K,), label_ids (K,) int64)``, best first.
         ``rules`` (``exemplars.VocabRules``), as ``scoring.select``: a box whose best column is one
-        of the last ``num_negatives`` is dropped; each class has its own threshold."""
-        thr = F32(scoring.score_threshold)
+        of the last ``rules.extra`` (negatives, distractors) suppresses in both NMS, then goes with
+        every extra label; each class has its own threshold."""
+        extra = rules.extra if rules is not None else 0
+        classes = probs.shape[1] - extra
+        thr = np.full(probs.shape[1], scoring.score_threshold, dtype=F32)
         if rules is not None:
-            classes = probs.shape[1] - rules.num_negatives
-            keep = probs.argmax(axis=1) < classes
-            boxes, probs = boxes[keep], probs[keep, :classes]
-            objectness = objectness[keep] if objectness is not None else None
-            thr = np.asarray(rules.threshold_list(scoring.score_threshold, classes), dtype=F32)
+            thr[:classes] = rules.threshold_list(scoring.score_threshold, classes)
         w = scoring.objectness_weight
         if objectness is not None and w > 0:
             probs = probs ** (1 - w) * np.maximum(objectness, F32(0))[:, None] ** w
         k = max(1, min(scoring.top_k, probs.shape[1]))
         label_ids = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         scores = np.take_along_axis(probs, label_ids, axis=1).reshape(-1)
+        won = np.repeat(label_ids[:, 0] >= classes, k)
         label_ids = label_ids.reshape(-1)
         boxes = np.repeat(boxes, k, axis=0)
-        keep = np.nonzero(scores >= (thr[label_ids] if thr.ndim else thr))[0]
-        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
-        keep = ops.batched_nms(boxes, scores, label_ids, scoring.nms_iou)
+        keep = np.nonzero(scores >= thr[label_ids])[0]
+        keep = keep[ops.batched_nms(boxes[keep], scores[keep], label_ids[keep], scoring.nms_iou)]
         if scoring.agnostic_nms:
             keep = keep[ops.nms(boxes[keep], scores[keep], scoring.agnostic_nms_iou)]
+        if extra:
+            keep = keep[~won[keep] & (label_ids[keep] < classes)]
         keep = keep[: scoring.max_detections]
         return boxes[keep], scores[keep].astype(F32), label_ids[keep].astype(np.int64)
 
@@ -336,7 +342,7 @@ class OnnxDetector:
                            "RegionCLIP.from_pretrained(...).detect(images, labels, boxes)")
         out = []
         for x in loaded:
-            names = list(labels) + [f"negative {i}" for i in range(rules.num_negatives if rules else 0)]
+            names = list(labels) + [f"extra {i}" for i in range(rules.extra if rules else 0)]
             b, s, ids = self.predict(x.pixels, names, text_embeddings=text, original_size=x.original_size,
                                      rules=rules, **dataclasses.asdict(scoring))
             out.append((Detections(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(ids), tuple(labels)),

@@ -163,6 +163,11 @@ class RunConfig:
     ckpt_every: int = 200  # steps between last.pt writes (and always at the end)
     eval_every: int = 0  # steps between val mAP runs; 0 evaluates only at the end
     eval_images: int | None = None  # the N val images with the lowest ids (same every time); None: all
+    # Short lists at each validation (regionclip/shortlists.py, `eval --short-lists`): N seeded lists of
+    # 3 val names, each detected alone; their mean precision, recall, AP50 and foreign-label rate go
+    # to metrics.jsonl as val_short_lists, so a recipe's effect on short vocabularies shows where it is
+    # made. A second pass over the val images; single-process runs only. 0: off.
+    eval_short_lists: int = 0
     log_every: int = 10  # steps between metrics.jsonl lines
     # DataLoader processes decoding a batch ahead of the step (0: in the training process). Augmentation
     # is seeded per sample (train/feed.py), so a resume is bit-exact with any number.
@@ -364,6 +369,8 @@ def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
             raise BadConfig(f"{path}: clip_configs.{name} must be an open_clip config with embed_dim, vision_cfg, text_cfg")
     if not (cfg.train.train_image_tower or cfg.train.train_text_tower or cfg.train.train_proposals):
         raise BadConfig(f"{path}: nothing to train: enable one of train.train_image_tower/train_text_tower/train_proposals")
+    if cfg.train.eval_short_lists < 0:
+        raise BadConfig(f"{path}: train.eval_short_lists must be 0 (off) or more")
     if cfg.train.eval_images is not None and cfg.train.eval_images < 1:
         raise BadConfig(f"{path}: train.eval_images must be at least 1 (or null for every val image)")
     if lc.proposal_objectness not in OBJECTNESS:

@@ -208,13 +208,14 @@ class Trainer:
         if self.val is None:
             return
         with self.autocast():
-            ap = evaluate(self.model, self.val, self.split, self.rank, self.world, images=self.cfg.train.eval_images)
+            ap = evaluate(self.model, self.val, self.split, self.rank, self.world, images=self.cfg.train.eval_images,
+                          short_lists=self.cfg.train.eval_short_lists)
         set_trainable(self.model, self.cfg.train)  # back to training modes
         key = "base" if "base" in ap else "overall"
         self.result.evals.append({"step": self.step, **ap})
         if self.rank == 0:
-            self._write({"step": self.step, "val_AP50": {k: v for k, v in ap.items() if k != "R50@100"},
-                         "val_R50@100": ap["R50@100"]})
+            self._write({"step": self.step, "val_AP50": {k: v for k, v in ap.items() if k not in EXTRA},
+                         **{f"val_{k}": ap[k] for k in EXTRA if k in ap}})
             if self.progress:
                 self.progress({"step": self.step, "eval": ap})
         if ap[key] is not None and (self.best is None or ap[key] > self.best):
@@ -306,16 +307,25 @@ def run_stages(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     return result
 
 
+# What `evaluate` returns beside the AP50 per part.
+EXTRA = ("R50@100", "short_lists")
+
+
 def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
-             world: int = 1, batch_size: int = 8, images: int | None = None) -> dict[str, float | None]:
+             world: int = 1, batch_size: int = 8, images: int | None = None,
+             short_lists: int = 0) -> dict[str, float | None]:
     """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own
     code; under ``"R50@100"`` the class-agnostic proposal recall at IoU 0.5 within the top 100
     per part (``regionclip/recall.py``). With ``world`` > 1 every process runs its share of the
     batches and the detections are gathered before scoring; every process gets the same figures
     as one process would. ``images`` (``train.eval_images``) scores the val images with the
-    lowest ids only, the same ones every time."""
+    lowest ids only, the same ones every time. ``short_lists`` N > 0 (one process only) adds
+    ``"short_lists"``: the mean precision, recall, AP50 and foreign-label rate of N seeded 3-name
+    lists (``regionclip/shortlists.py``)."""
     model.eval()
     model.text.clear()  # the text tower may have changed since the last cached embeddings
+    model.clip_key = None  # nor may distractor embeddings be cached (regionclip/distractors.py)
+    model.predictor.backend.__dict__.pop("_distractor_memory", None)
     gather = None
     if world > 1:
         def gather(part):
@@ -323,9 +333,13 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
             dist.all_gather_object(parts, part)
             return parts
     report, _ = evaluate_model(model, first_images(val.coco, images), val.images_dir, split=split, vocabulary=val.category_names,
-                               batch_size=batch_size, workers=0, shard=(rank, world), gather=gather)
+                               batch_size=batch_size, workers=0, shard=(rank, world), gather=gather,
+                               short_lists=(short_lists, 3, 0) if short_lists and world == 1 else None)
     ap = {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
-    return {**ap, "R50@100": {part: row["R50@100"] for part, row in report["proposal_recall"].items()}}
+    out = {**ap, "R50@100": {part: row["R50@100"] for part, row in report["proposal_recall"].items()}}
+    if "short_lists" in report:
+        out["short_lists"] = report["short_lists"]["mean"]
+    return out
 
 
 def _dist_init(device_spec: str) -> tuple[int, int, str]:
