@@ -35,7 +35,8 @@ def serve(
     max_queue_mb: Annotated[float, typer.Option(help=(
         "Most MB of decoded images waiting or running; past it clients get 503 and retry."))] = 1000.0,
     max_labels: Annotated[int, typer.Option(help=(
-        "Most texts one request may have embedded: labels, or a vocabulary's prompts, negatives and exemplars."))] = 256,
+        "Most texts one request may have embedded: labels, or a vocabulary's prompts, negatives and "
+        "exemplars."))] = 256,
     max_mb: Annotated[float, typer.Option(help="Largest image file accepted, in MB.")] = 20.0,
     max_megapixels: Annotated[float, typer.Option(help="Largest image accepted, in megapixels.")] = 40.0,
     flags: O.ModelFlags = None,

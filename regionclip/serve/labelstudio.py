@@ -81,7 +81,8 @@ class ImageFetcher:
     def _http(self, ref: str) -> bytes:
         if self.url is None:
             raise BadInput("the task's image is on Label Studio but the server does not know where Label Studio "
-                           "is: start it with --label-studio-url URL --label-studio-token TOKEN")
+                           "is: start it with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set (or --label-studio-url, "
+                           "--label-studio-token)")
         full = self.url + ref if ref.startswith("/") else ref
         if not full.startswith(self.url + "/"):
             # only Label Studio's own files: a task must not make the server fetch arbitrary URLs
