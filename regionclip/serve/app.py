@@ -96,7 +96,8 @@ def decode(data: bytes, limits: Limits):
 
 def embedded(vocab: Vocabulary) -> int:
     """What a vocabulary makes the server embed: its distinct text prompts and negatives, its
-    exemplars (and at least one per class). ``Limits.max_labels`` bounds this."""
+    exemplars (and at least one per class). ``Limits.max_labels`` bounds this; whatever else a
+    request gets embedded (distractors, once the server takes them) counts here too."""
     texts = {p for c in vocab.classes for p in c.text_prompts} | set(vocab.negatives)
     return max(len(vocab.classes), len(texts) + sum(len(c.exemplars) for c in vocab.classes))
 
