@@ -22,8 +22,19 @@ from test_label import assert_same_rows, label_argv, make_images, run, save_tiny
 
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run here on one thread, as the forked ranks set it and xdist's workers have it: with
+    two, convolutions sum in another order and a near-tie at NMS can keep another box, so the
+    comparisons failed under `pytest -n 0` (whose process has two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("label_procs")
     spec = save_tiny(root / "model")
     images = make_images(root / "images", 20)  # 7 shards of 3 (the last of 2)
