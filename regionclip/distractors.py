@@ -160,7 +160,12 @@ def embeddings(backend, names: Sequence[str]) -> torch.Tensor | np.ndarray:
         memory.update(_load(disk))
     missing = [n for n in dict.fromkeys(names) if n not in memory]
     if missing:
-        new = backend.encode_text(missing)
+        model = getattr(backend, "model", None)
+        if model is not None:  # past the text encoder's own cache: hundreds of names would crowd it
+            with torch.inference_mode(), model.autocast():
+                new = model.text.embed(missing)
+        else:
+            new = backend.encode_text(missing)
         new = new.float().cpu() if isinstance(new, torch.Tensor) else torch.from_numpy(np.asarray(new, np.float32))
         memory.update(zip(missing, new))
         if disk is not None:

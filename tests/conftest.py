@@ -32,6 +32,14 @@ def _scratch_in_memory(root: str = "/dev/shm", need_gb: float = 4.0) -> None:
 
 _scratch_in_memory()
 
+# On-disk embedding caches (the demo's distractors: regionclip/distractors.py) go to a folder of this
+# run, not the user's ~/.cache: tests never read what an earlier run or a real user left there.
+if "REGIONCLIP_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["REGIONCLIP_CACHE"] = tempfile.mkdtemp(prefix="regionclip-cache-",
+                                                      dir=os.environ.get("PYTEST_DEBUG_TEMPROOT"))
+
 import numpy as np
 import pytest
 

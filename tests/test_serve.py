@@ -275,17 +275,19 @@ def test_detect_takes_a_vocabulary_with_synonyms_negatives_and_thresholds(client
 
 
 def test_the_text_encoders_cache_keeps_the_most_recent_labels_only(demo):
-    """Every label a client sends is encoded; the encoder keeps ``Limits.text_cache`` of them."""
+    """Every label a client sends is encoded; the encoder keeps ``Limits.text_cache`` of them.
+    (Without distractors, whose embeddings are cached apart: ``prompts_encoded`` counts them too.)"""
     text = demo.model.text
+    none = {"distractors": "none"}
     try:
         with TestClient(create_app(demo, limits=Limits(text_cache=4))) as c:
             for labels in ("red circle,green square,blue", "square,circle,triangle"):
-                assert detect(c, png(shapes_image(64, 64)), labels).status_code == 200
+                assert detect(c, png(shapes_image(64, 64)), labels, **none).status_code == 200
             assert list(text._memory) == ["blue", "square", "circle", "triangle"]
             encoded = text.prompts_encoded
-            assert detect(c, png(shapes_image(64, 64)), "blue").status_code == 200  # kept: not encoded again
+            assert detect(c, png(shapes_image(64, 64)), "blue", **none).status_code == 200  # kept: not encoded again
             assert text.prompts_encoded == encoded
-            assert detect(c, png(shapes_image(64, 64)), "red circle").status_code == 200  # dropped: again
+            assert detect(c, png(shapes_image(64, 64)), "red circle", **none).status_code == 200  # dropped: again
             assert text.prompts_encoded > encoded and len(text._memory) == 4
     finally:
         text.max_entries = None
@@ -310,3 +312,25 @@ def test_a_label_studio_label_with_a_comma_stays_one_label(client):
     assert r.status_code == 200, r.text
     labels = {res["value"]["rectanglelabels"][0] for res in r.json()["results"][0]["result"]}
     assert labels and labels <= {"red, round circle", "green square"}, labels
+
+
+def test_detect_applies_the_models_distractors_and_a_requests_own(client, demo):
+    """The server names what the API names: the demo's own 12 names are scored beside a short list
+    by default, and a request may turn them off or send its own (never a server file)."""
+    import json
+
+    pixels = shapes_image(120, 160)  # a red circle and a green square
+    short = "red circle,blue square"
+
+    def names(**form):
+        r = detect(client, png(pixels), short, **form)
+        assert r.status_code == 200, r.text
+        return [d["label"] for d in r.json()["detections"]]
+
+    labels = short.split(",")
+    assert names() == demo.detect(pixels, labels).names
+    assert names(distractors="none") == demo.detect(pixels, labels, distractors="none").names
+    assert names(distractors="green square") == demo.detect(pixels, labels, distractors=["green square"]).names
+    assert names() != names(distractors="none")  # the test means something: the square was a blue square
+    r = detect(client, png(pixels), None, vocab=json.dumps({"distractors": "/etc/hostname", "red circle": {}}))
+    assert r.status_code == 400 and "file on the server" in r.json()["error"]

@@ -28,6 +28,9 @@ from ..errors import BadImage, BadInput, RegionClipError
 from ..io import load_image
 from ..labels import check_labels
 from ..vocabulary import Vocabulary
+
+# What a request may name as its distractors besides a list of names (no server file).
+DISTRACTOR_WORDS = ("default", "none", "labels", "common")
 from .batcher import Batcher, Busy
 from .guard import Guard
 from .labelstudio import ImageFetcher, LabelConfig, TooLarge, parse_label_config, read_file
@@ -185,27 +188,47 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         # learn even whether a server path exists.
         if not allow_paths and any(isinstance(v, dict) and "exemplars" in v for v in data.values()):
             raise BadInput("vocab: exemplars name image files on the server; start it with --allow-paths to use them")
+        spec = data.get("distractors")
+        if not allow_paths and isinstance(spec, str) and spec.strip().lower() not in DISTRACTOR_WORDS:
+            raise BadInput("vocab: a distractors file is a file on the server; send a list of names, none, labels "
+                           "or common (or start the server with --allow-paths)")
         vocab = Vocabulary.from_dict(data, where="vocab")
         if (n := embedded(vocab)) > limits.max_labels:
             raise TooLarge(f"{n} prompts, negatives and exemplars to embed, more than the server's limit of "
                            f"{limits.max_labels}")
         return vocab
 
+    def with_distractors(names, text: str | None):
+        """``names`` (labels or a vocabulary) with the request's ``distractors`` field: default, none,
+        labels, common, or comma-separated names (which count against ``max_labels``)."""
+        if text is None:
+            return names
+        spec = text.strip().lower() if text.strip().lower() in DISTRACTOR_WORDS else \
+            [t.strip() for t in text.split(",") if t.strip()]
+        vocab = names if isinstance(names, Vocabulary) else Vocabulary.from_labels(names)
+        vocab = vocab.with_distractors(spec)
+        if isinstance(spec, list) and (n := embedded(vocab) + len(spec)) > limits.max_labels:
+            raise TooLarge(f"{n} labels, prompts and distractors to embed, more than the server's limit of "
+                           f"{limits.max_labels}")
+        return vocab
+
     @app.post("/detect")
     def detect(request: Request, image: Optional[UploadFile] = File(None), path: Optional[str] = Form(None),
                labels: Optional[str] = Form(None), vocab: Optional[str] = Form(None),
-               score_threshold: Optional[float] = Form(None)):
+               score_threshold: Optional[float] = Form(None), distractors: Optional[str] = Form(None)):
         """Detections of ``labels`` (comma-separated), or of a ``vocab`` (the ``--vocab`` file's
         structure as JSON or YAML text: synonyms, negatives, per-class thresholds), in an uploaded
         ``image`` (or a server-side ``path`` when the server allows paths):
-        ``{"width", "height", "detections": [{label, score, box_xyxy}]}``."""
+        ``{"width", "height", "detections": [{label, score, box_xyxy}]}``. ``distractors``: names
+        scored beside them and never reported (default: the model's; none, labels, common, or
+        comma-separated names; regionclip/distractors.py)."""
         if _media_type(request) not in ("multipart/form-data", "application/x-www-form-urlencoded"):
             raise WrongMediaType(f"/detect reads a multipart form (multipart/form-data), not "
                                  f"{_media_type(request) or 'a body without a Content-Type'}: send the image "
                                  "file as 'image' and labels=\"dog,cat\" as form fields")
         if labels is not None and vocab is not None:
             raise BadInput("send labels or vocab, not both")
-        names = vocab_of(vocab) if vocab is not None else labels_of(labels)
+        names = with_distractors(vocab_of(vocab) if vocab is not None else labels_of(labels), distractors)
         if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
             raise BadInput(f"score_threshold must be in [0, 1], but got {score_threshold}")
         if image is not None:
