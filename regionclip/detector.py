@@ -92,8 +92,9 @@ class RegionCLIP(RegionCLIPModel):
         GT-box protocol's input. No objectness, no filtering.
 
         Rows do not sum to 1 when the model scores a background column (``scoring.background``,
-        the demo's) or the vocabulary has negatives: the softmax runs over those too and they are
-        dropped, so ``1 - row.sum()`` is their share (a box that is nothing listed)."""
+        the demo's), the vocabulary has negatives or distractors apply (``regionclip.distractors``):
+        the softmax runs over those too and they are dropped, so ``1 - row.sum()`` is their share
+        (a box that is nothing listed)."""
         return self.predictor.classify(images, labels, boxes, batch_size, text_embeddings=text_embeddings,
                                        vocab=vocab, exemplars=exemplars)
 

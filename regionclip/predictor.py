@@ -411,8 +411,8 @@ class Predictor:
                  *, text_embeddings=None, num_workers: int | None = None,
                  window: int | None = LIST_WINDOW, vocab=None, exemplars=()) -> list[torch.Tensor]:
         """Per image, the (N, L) probability matrix of its given ``boxes`` (``iter_classify``).
-        Rows sum to less than 1 where the softmax also ran over a background column or negatives
-        (dropped: ``1 - row.sum()`` is their share; ``RegionCLIP.classify``)."""
+        Rows sum to less than 1 where the softmax also ran over a background column, negatives or
+        distractors (dropped: ``1 - row.sum()`` is their share; ``RegionCLIP.classify``)."""
         out = []
         for p in self.iter_classify(list(images), labels, list(boxes), text_embeddings=text_embeddings,
                                     batch_size=batch_size, num_workers=num_workers, window=window,
