@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "eval" in event:
             ev = dict(event["eval"])
             recall = ev.pop("R50@100", {})  # class-agnostic proposal recall at IoU 0.5, top 100
+            short = ev.pop("short_lists", None)  # 3-name lists' mean figures (train.eval_short_lists)
             print(f"step {event['step']}: val AP50 {json.dumps({k: v and round(v, 1) for k, v in ev.items()})}, "
-                  f"proposal recall@100 {json.dumps(recall)}")
+                  f"proposal recall@100 {json.dumps(recall)}" + (f", 3-name lists {json.dumps(short)}" if short else ""))
         elif event["step"] == 1 or event["step"] % 5 == 0 or event["step"] == event["max_steps"]:
             print(f"step {event['step']}/{event['max_steps']}  loss {event['loss']:.3f}  lr {event['lr']:.2e}")
 

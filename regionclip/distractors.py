@@ -102,28 +102,22 @@ def unlisted(names: Iterable[str], terms: Iterable[str]) -> list[str]:
     return out
 
 
-def attach(backend, names: Sequence[str], emb, rules, terms: Iterable[str], spec=None):
-    """``(embeddings, rules)`` with the distractors of ``spec`` (``names_for``; default the
-    backend's) appended after the class rows and any negatives of ``rules``, less those naming
-    one of ``terms`` (the classes' names, prompts and negatives). Unchanged when none is left."""
-    from .exemplars import VocabRules
-
+def attach(backend, names: Sequence[str], emb, terms: Iterable[str], spec=None):
+    """``(embeddings, count)``: ``emb`` with the distractors of ``spec`` (``names_for``; default the
+    backend's) appended as rows, less those naming one of ``names`` or ``terms`` (the classes'
+    prompts and negatives), and how many were appended (0: ``emb`` unchanged)."""
     check_spec(spec)
-    model = getattr(backend, "model", None)
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == DEFAULT):
         found = model_names(backend)
     else:
         found = names_for(spec, _labels(backend))
     found = unlisted(found, [*names, *terms])
     if not found:
-        return emb, rules
+        return emb, 0
     extra = embeddings(backend, found)
     if isinstance(emb, torch.Tensor):
-        emb = torch.cat([emb.float(), extra.to(emb.device)])
-    else:
-        emb = np.concatenate([np.asarray(emb, dtype=np.float32), np.asarray(extra, dtype=np.float32)])
-    base = rules if rules is not None else VocabRules()
-    return emb, VocabRules(base.num_negatives, base.thresholds, num_distractors=len(found))
+        return torch.cat([emb.float(), extra.to(emb.device)]), len(found)
+    return np.concatenate([np.asarray(emb, dtype=np.float32), np.asarray(extra, dtype=np.float32)]), len(found)
 
 
 def _labels(backend) -> list[str]:

@@ -231,9 +231,14 @@ class Predictor:
     def _distract(self, names, emb, rules, vocab, distractors):
         from . import distractors as D
 
+        from .exemplars import VocabRules
+
         spec = distractors if distractors is not None else getattr(vocab, "distractors", None)
         terms = [t for c in vocab.classes for t in c.prompts] + vocab.negatives if vocab is not None else []
-        emb, rules = D.attach(self.backend, names, emb, rules, terms, spec)
+        emb, count = D.attach(self.backend, names, emb, terms, spec)
+        if count:
+            base = rules if rules is not None else VocabRules()
+            rules = VocabRules(base.num_negatives, base.thresholds, num_distractors=count)
         return names, emb, rules
 
     # --------------------------------------------------------------------------------- stream

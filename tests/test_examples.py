@@ -91,7 +91,10 @@ def test_finetune_custom(tmp_path):
     assert len(summary["losses"]) == 2 and all(math.isfinite(v) for v in summary["losses"])
     (final,) = summary["evals"]
     recall = final.pop("R50@100")
+    short = final.pop("short_lists")  # the recipe's train.eval_short_lists: fractions, AP50 in percent
     assert all(v is None or 0 <= v <= 100 for k, v in [*final.items(), *recall.items()] if k != "step"), final
+    assert set(short) == {"precision", "recall", "foreign", "AP50"}
+    assert all(v is None or 0 <= v <= (100 if k == "AP50" else 1) for k, v in short.items()), short
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[:2] == [1, 2]
 
