@@ -4,7 +4,7 @@ Rows: regionclip ViT-B/16 in pool and crop mode and the ``fast`` preset
 (``regionclip.bench.run_benchmark``); the naive pipeline (RPN top-N boxes, each cut out and
 resized to 224 on its own in a Python loop, then the stack through CLIP ViT-B/16); OWL-ViT B/16,
 OWL-ViT B/32 and OWLv2 B/16 from ``transformers`` built from their configs (no downloads;
-skipped with a note when transformers is missing: ``pip install 'regionclip[peers]'``).
+skipped with a note when transformers is missing: ``pip install -e '.[peers]' in the checkout``).
 
 Every system gets the same synthetic images, the same number of labels with text embedded
 once before timing, the same warm-up and the same precision (autocast, as regionclip runs).
@@ -155,7 +155,7 @@ def main() -> None:
             continue
         peer = owl_peer(version, device, args.batch_size, args.labels, patch)
         if peer is None:
-            print(f"note: transformers is not installed, skipping {name} (pip install 'regionclip[peers]')")
+            print(f"note: transformers is not installed, skipping {name} (pip install -e '.[peers]' in the checkout)")
             continue
         model, step, side = peer
         with torch.inference_mode(), autocast():

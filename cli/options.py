@@ -75,7 +75,8 @@ Precision = Annotated[Optional[str], typer.Option(help=f"fp32, bf16 or fp16 (fp1
                                                   show_default=False)]
 Set = Annotated[Optional[list[str]], typer.Option("--set", help="Dotted config override, e.g. --set proposals.num_proposals=100 (repeatable).",
                                                   show_default=False)]
-TextCache = Annotated[Optional[Path], typer.Option(help="Folder for the on-disk text-embedding cache (default: memory only).",
+TextCache = Annotated[Optional[Path], typer.Option(help=("Folder for the on-disk text-embedding cache (default: $REGIONCLIP_CACHE or "
+                                                   "~/.cache/regionclip; --set text.disk_cache=false for memory only)."),
                                                    show_default=False)]
 
 VocabFile = Annotated[Optional[Path], typer.Option("--vocab", help=(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -82,7 +83,11 @@ class TextConfig:
     # with RegionCLIP's name clean-up (',' dropped, '+' read as ' '), as its concept files were made.
     ensemble: str = "normalized"
     chunk_size: int = 512  # prompts per text-tower batch; bounds memory for long vocabularies
-    cache_dir: str | None = None  # on-disk embedding cache; None keeps the cache in memory only
+    # Where label embeddings are kept on disk, keyed by the weights and templates. None: the user's
+    # cache (``user_cache_dir``) for weights read from a file; random weights are never cached.
+    cache_dir: str | None = None
+    # false keeps embeddings in memory only (a read-only home, or a one-off run)
+    disk_cache: bool = True
 
 
 @dataclass
@@ -276,6 +281,14 @@ def dump_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (beside checkpoints and run outputs)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def user_cache_dir() -> Path:
+    """Embeddings cached between runs: ``$REGIONCLIP_CACHE``, else ``$XDG_CACHE_HOME/regionclip``
+    (``~/.cache/regionclip``)."""
+    if os.environ.get("REGIONCLIP_CACHE"):
+        return Path(os.environ["REGIONCLIP_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regionclip"
 
 
 def configs_dir() -> Path:

@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .config import user_cache_dir
 from .errors import BadInput
 
 COMMON_OBJECTS = Path(__file__).resolve().parent / "assets" / "common_objects.txt"
@@ -171,13 +172,8 @@ def embeddings(backend, names: Sequence[str]) -> torch.Tensor | np.ndarray:
 
 
 def cache_root(text_cache_dir: str | None = None) -> Path:
-    """Where on-disk distractor embeddings go: ``text.cache_dir`` when set, else
-    ``$REGIONCLIP_CACHE`` or ``$XDG_CACHE_HOME/regionclip`` (``~/.cache/regionclip``)."""
-    if text_cache_dir:
-        return Path(text_cache_dir).expanduser()
-    if os.environ.get("REGIONCLIP_CACHE"):
-        return Path(os.environ["REGIONCLIP_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regionclip"
+    """Where on-disk distractor embeddings go: ``text.cache_dir`` when set, else the user's cache."""
+    return Path(text_cache_dir).expanduser() if text_cache_dir else user_cache_dir()
 
 
 def _disk_file(backend) -> Path | None:
@@ -185,7 +181,7 @@ def _disk_file(backend) -> Path | None:
     weights differ per build: never cached), keyed by the weights, templates and ensemble."""
     model = getattr(backend, "model", None)
     key = getattr(model, "clip_key", None)
-    if key is None or "/random/" in key:
+    if key is None or "/random/" in key or not model.cfg.text.disk_cache:
         return None
     text = model.cfg.text
     digest = hashlib.sha256("\n".join([key, text.ensemble, *text.templates]).encode()).hexdigest()[:16]

@@ -27,8 +27,8 @@ from torchvision.ops import clip_boxes_to_image
 from .batch import ImageBatch
 from .box_head import BoxRefiner
 from .build import checkpoint_config, load_parts, save_checkpoint
-from .config import (ModelConfig, ScoringConfig, apply_overrides, check_scoring, from_dict, list_model_presets, load_config,
-                     model_preset_path, to_dict)
+from .config import (ModelConfig, ScoringConfig, TextConfig, apply_overrides, check_scoring, from_dict,
+                     list_model_presets, load_config, model_preset_path, to_dict, user_cache_dir)
 from .distractors import check_spec
 from .errors import BadConfig, BadInput, WeightsUnavailable
 from .proposals import ProposalStage
@@ -95,7 +95,7 @@ class RegionCLIPModel(nn.Module):
         self.text = ENSEMBLES[cfg.text.ensemble](
             clip.encode_text, tokenizer_for(cfg.clip_model), cfg.text.templates,
             model_key=parts.clip_key, device=self.device, chunk_size=cfg.text.chunk_size,
-            cache_dir=cfg.text.cache_dir,
+            cache_dir=text_cache_dir(cfg.text, parts.clip_key),
         )
         # Built for inference: nothing records autograd until training marks what it trains.
         self.eval().requires_grad_(False).to(self.device)
@@ -215,6 +215,15 @@ class RegionCLIPModel(nn.Module):
         """(L, D) unit-norm label embeddings (cached)."""
         with self.autocast():
             return self.text(labels)
+
+
+def text_cache_dir(text: TextConfig, clip_key: str) -> str | Path | None:
+    """Where the text encoder keeps embeddings between runs: ``text.cache_dir``, else the user's
+    cache (a preset's 65 names x 81 RegionCLIP prompts cost minutes to encode on a CPU, every call).
+    Randomly initialised weights, or ``text.disk_cache: false``, keep them in memory only."""
+    if not text.disk_cache or "/random/" in clip_key:
+        return None
+    return text.cache_dir or user_cache_dir()
 
 
 def check_distractors(spec) -> None:

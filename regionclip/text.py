@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -207,7 +208,8 @@ class TextEncoder:
     the same embeddings; ``short_context=False`` or any other ``encode_fn`` keeps the full context.
     ``max_entries`` bounds the labels kept in memory (least recently used dropped first; the disk
     cache, written from memory, then holds those too); ``None`` keeps every label, as a run over a
-    fixed vocabulary wants and a server taking labels from its clients must not.
+    fixed vocabulary wants and a server taking labels from its clients must not. ``read_only``
+    reads the disk cache and never writes it.
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class TextEncoder:
         self.max_entries = max_entries
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._disk_loaded = False
+        self.read_only = False
         self.prompts_encoded = 0
 
     def embed(self, labels: Sequence[str]) -> torch.Tensor:
@@ -302,9 +305,14 @@ class TextEncoder:
             self._memory.update(stored)
 
     def _save_disk(self) -> None:
-        if self.cache_file is None:
+        if self.cache_file is None or self.read_only:
             return
-        atomic_torch_save(dict(self._memory), self.cache_file)
+        try:
+            atomic_torch_save(dict(self._memory), self.cache_file)
+        except OSError as exc:  # a read-only or full cache folder costs speed, not the run
+            warnings.warn(f"text embeddings not cached ({exc}); set text.cache_dir or text.disk_cache=false",
+                          stacklevel=2)
+            self.cache_file = None
 
 
 def regionclip_prompts(label: str, templates: Sequence[str]) -> list[str]:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 pytest.importorskip("pyarrow")
-ray = pytest.importorskip("ray", reason="ray is not installed (pip install regionclip[ray])")
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]')")
 
 from regionclip.label.ray_engine import start_local  # noqa: E402
 from test_label import assert_same_rows, label_argv, make_images, run, save_tiny, shard_rows  # noqa: E402

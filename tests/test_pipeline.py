@@ -162,7 +162,30 @@ def test_text_cache_memory_and_disk(tmp_path):
     assert m2.text.prompts_encoded == 2
 
 
+@pytest.mark.parametrize("ensemble", ["normalized", "regionclip"])
+def test_weights_from_a_file_cache_embeddings_in_the_user_cache(tmp_path, monkeypatch, ensemble):
+    """RegionCLIP's presets encode 81 prompts a name: without a disk cache by default, every
+    ``detect`` call encoded them all again. Random weights and ``disk_cache: false`` keep none."""
+    monkeypatch.setenv("REGIONCLIP_CACHE", str(tmp_path / "user"))
+    ckpt = tmp_path / "clip.pt"
+    torch.save(tiny_model("vit").clip.state_dict(), ckpt)
+    kw = dict(clip_model="test-vit-tiny", clip_pretrained=str(ckpt), detector="fasterrcnn_mobilenet_v3_large_320_fpn",
+              detector_weights="none", device="cpu", distractors="none")
+    text = {"templates": ["a {}.", "the {}"], "ensemble": ensemble}
+    first = RegionCLIP(**kw, text=text).encode_text(LABELS)
+    again = RegionCLIP(**kw, text=text)
+    torch.testing.assert_close(again.encode_text(LABELS), first)
+    assert again.text.prompts_encoded == 0 and len(list((tmp_path / "user").glob("text-*.pt"))) == 1
+    off = RegionCLIP(**kw, text={**text, "disk_cache": False})
+    off.encode_text(LABELS)
+    assert off.text.prompts_encoded == 2 * len(LABELS) and off.text.cache_file is None
+    random = RegionCLIP(**{**kw, "clip_pretrained": "none"}, text=text)
+    random.encode_text(LABELS)
+    assert random.text.cache_file is None and len(list((tmp_path / "user").glob("text-*.pt"))) == 1
+
+
 def test_long_vocabularies_are_chunked(models):
+
     model = models("vit", "crop")
     labels = [f"thing {i}" for i in range(40)]
     before = model.text.prompts_encoded

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -279,6 +280,7 @@ def test_the_text_encoders_cache_keeps_the_most_recent_labels_only(demo):
     (Without distractors, whose embeddings are cached apart: ``prompts_encoded`` counts them too.)"""
     text = demo.model.text
     none = {"distractors": "none"}
+    started = time.time_ns()
     try:
         with TestClient(create_app(demo, limits=Limits(text_cache=4))) as c:
             for labels in ("red circle,green square,blue", "square,circle,triangle"):
@@ -289,8 +291,10 @@ def test_the_text_encoders_cache_keeps_the_most_recent_labels_only(demo):
             assert text.prompts_encoded == encoded
             assert detect(c, png(shapes_image(64, 64)), "red circle", **none).status_code == 200  # dropped: again
             assert text.prompts_encoded > encoded and len(text._memory) == 4
+        # the disk cache is never written from a request: each write would save the whole cache
+        assert not (text.cache_file.is_file() and text.cache_file.stat().st_mtime_ns > started)
     finally:
-        text.max_entries = None
+        text.max_entries, text.read_only = None, False
 
 
 def test_label_studio_malformed_fields_and_bodies_get_json_4xx(client):

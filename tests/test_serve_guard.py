@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from regionclip.convert.labelstudio import config_xml  # noqa: E402
 from regionclip.errors import BadInput  # noqa: E402
 from regionclip.serve.app import Limits, create_app  # noqa: E402
-from regionclip.serve.guard import check_exposure, is_loopback  # noqa: E402
+from regionclip.serve.guard import check_exposure, host_name, is_loopback, names_this_machine  # noqa: E402
 from test_serve import _Gate, png  # noqa: E402
 
 KEY = "s3cret-key"
@@ -147,6 +147,38 @@ def test_beyond_loopback_the_server_refuses_to_start_without_a_key(monkeypatch, 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--api-key" in err and "REGIONCLIP_API_KEY" in err, err
+
+
+def test_without_a_key_requests_must_name_this_machine(monkeypatch):
+    """DNS rebinding: a page at attacker.example whose name now points at 127.0.0.1 sends
+    ``Host: attacker.example:9090``; a keyless server answers 421, a server with a key checks the key."""
+    assert [host_name(h) for h in ("[::1]:9090", "Localhost:80", "127.0.0.1", "::1")] == \
+        ["::1", "localhost", "127.0.0.1", "::1"]
+    assert all(names_this_machine(n) for n in ("localhost", "127.0.0.1", "127.3.2.1", "::1", "app.localhost"))
+    assert not any(names_this_machine(n) for n in ("attacker.example", "localhost.attacker.example", "0.0.0.0",
+                                                   "192.0.2.7", "testserver"))
+    fake = _Gate()
+    fake.gate.set()
+    with TestClient(create_app(fake, local_hosts_only=True)) as c:
+        for host in ("attacker.example:9090", "127.0.0.1.nip.io", "testserver"):
+            r = c.get("/health", headers={"Host": host})
+            assert r.status_code == 421 and "API key" in r.json()["error"], (host, r.text)
+        for host in ("localhost:9090", "127.0.0.1:9090", "[::1]:9090"):
+            assert c.get("/health", headers={"Host": host}).json()["status"] == "UP", host
+    with TestClient(create_app(fake, api_key=KEY)) as c:
+        r = c.get("/health", headers={"Host": "attacker.example", "X-API-Key": KEY})
+        assert r.status_code == 200
+    import uvicorn
+
+    from regionclip.serve import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    serve(fake, host="127.0.0.1")
+    serve(fake, host="0.0.0.0", api_key=KEY)
+    with TestClient(apps[0]) as keyless, TestClient(apps[1]) as keyed:
+        assert keyless.get("/health").status_code == 421  # TestClient's Host is "testserver"
+        assert keyed.get("/health", headers={"X-API-Key": KEY}).status_code == 200
 
 
 def test_json_bodies_only_as_application_json():

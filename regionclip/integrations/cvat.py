@@ -7,7 +7,7 @@
 a ``spec`` (a ``cvat_sdk.auto_annotation.DetectionFunctionSpec``: one rectangle label per name,
 ids in label order) and ``detect(context, image)`` returning rectangle shapes for one PIL image.
 The task's labels are matched by name, so name them as in ``labels``. Needs ``cvat-sdk``
-(``pip install 'regionclip[cvat]'``).
+(``pip install -e '.[cvat]' in the checkout``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ try:
     import cvat_sdk.auto_annotation as cvataa
 except ModuleNotFoundError as exc:  # the module only makes sense inside cvat-cli / the SDK
     raise ModuleNotFoundError(f"{exc}; regionclip.integrations.cvat needs the CVAT SDK: "
-                              "pip install 'regionclip[cvat]'", name=exc.name) from None
+                              "pip install -e '.[cvat]' in the checkout", name=exc.name) from None
 
 
 class RegionCLIPFunction:

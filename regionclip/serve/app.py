@@ -107,11 +107,12 @@ def embedded(vocab: Vocabulary) -> int:
 
 def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | None = None,
                allow_paths: bool = False, label_studio_url: str | None = None,
-               label_studio_token: str | None = None, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 64, max_queue_bytes: int = 1_000_000_000) -> FastAPI:
+               label_studio_token: str | None = None, api_key: str | None = None, local_hosts_only: bool = False,
+               max_batch: int = 8, max_queue: int = 64, max_queue_bytes: int = 1_000_000_000) -> FastAPI:
     """The server's app over ``predictor`` (a ``Predictor``); its ``Batcher`` is ``app.state.batcher``.
     Label Studio's URL and token come from here only, never from a request; with ``api_key``
-    every request must carry it (``guard.Guard``)."""
+    every request must carry it; with ``local_hosts_only`` (``serve`` sets it when there is no key)
+    a request's Host header must name this machine (``guard.Guard``)."""
     limits = limits or Limits()
     batcher = Batcher(predictor, max_batch=max_batch, max_queue=max_queue, max_bytes=max_queue_bytes)
     fetcher = ImageFetcher(limits.max_bytes, url=label_studio_url, token=label_studio_token, allow_paths=allow_paths)
@@ -119,8 +120,10 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
     text = getattr(getattr(predictor, "model", None), "text", None)  # a torch model's TextEncoder
     if hasattr(text, "max_entries"):  # every label a client sends is encoded; none is kept for ever
         text.max_entries = limits.text_cache
+        # The disk cache is read, never written: a write saves the whole cache, once per new label.
+        text.read_only = True
     app = FastAPI(title="regionclip", version="1")
-    app.add_middleware(Guard, max_body=limits.body_bytes, api_key=api_key)
+    app.add_middleware(Guard, max_body=limits.body_bytes, api_key=api_key, local_hosts_only=local_hosts_only)
     app.state.batcher, app.state.limits = batcher, limits
     app.router.add_event_handler("shutdown", batcher.close)
 

@@ -5,7 +5,10 @@ past this machine anyone who reaches the port would run the model and make the s
 from Label Studio with its token. ``Guard`` is the app's outermost middleware: a request
 without the key gets a 401 before its body is read, and a body over ``max_body`` bytes a 413 as
 soon as its Content-Length says so, or, sent in chunks, as soon as that many bytes have
-arrived; it is never read in full. Errors are JSON ``{"error": message}``, as everywhere.
+arrived; it is never read in full. Without a key (loopback only), a request must name this
+machine in its Host header: a web page whose name an attacker re-points at 127.0.0.1 (DNS
+rebinding) would otherwise call the server from the user's browser and read the answers.
+Errors are JSON ``{"error": message}``, as everywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +47,24 @@ def check_exposure(host: str, api_key: str | None) -> None:
                        f"{API_KEY_ENV}) that clients must send, or listen on 127.0.0.1")
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:9090`` -> ``::1``, ``Localhost:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def names_this_machine(name: str) -> bool:
+    """``localhost`` or a loopback address, without a DNS lookup (an attacker's name may resolve to one)."""
+    if name in ("localhost", "localhost.") or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class _BodyTooLarge(Exception):
     """Raised into the app's read of the body once it passes the limit."""
 
@@ -56,14 +77,19 @@ class Guard:
     and compared in constant time.
     """
 
-    def __init__(self, app, *, max_body: int, api_key: str | None = None) -> None:
+    def __init__(self, app, *, max_body: int, api_key: str | None = None, local_hosts_only: bool = False) -> None:
         self.app, self.max_body = app, max_body
         self.key = api_key.encode() if api_key else None
+        self.local_hosts_only = local_hosts_only
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope["headers"]}
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.local_hosts_only and host and not names_this_machine(host_name(host)):
+            return await _error(scope, receive, send, 421, f"the Host header {host!r} does not name this machine: a "
+                                "server without an API key answers requests to localhost or 127.0.0.1 only")
         if self.key is not None and not self._authorized(headers):
             return await _error(scope, receive, send, 401, "this server needs an API key: send it as "
                                 "'Authorization: Bearer KEY', as the basic-auth password, or as X-API-Key",

@@ -78,6 +78,10 @@ class Trainer:
             register_clip_config(name, arch)
         torch.manual_seed(run.seed)
         self.model = model = build_model(cfg.model, run)
+        # The weights change from the first step: embeddings cached under the start's key must be
+        # neither read nor written (the on-disk cache outlives this run).
+        model.text.clear()
+        model.clip_key = None
         model.proposals.detector.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.loss.box_head_samples
         self.device = device = model.device
         if cfg.stage == "finetune" and cfg.loss.box_regression_weight > 0 and model.box_head is None:
