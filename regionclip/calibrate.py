@@ -65,6 +65,10 @@ class Candidates:
     names: list[str]
     cfg: object  # config.ScoringConfig
     images: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]]
+    # Label ids past the names: boxes whose best match is a negative or a distractor. Deployment
+    # thresholds them at ``cfg.score_threshold``, lets them suppress in the label-blind NMS, then
+    # drops them; without them the replay kept listed boxes that ``detect`` loses.
+    extra: int = 0
 
     def gt(self, k: int) -> int:
         return sum(len(gts[k]) for *_, gts in self.images)
@@ -78,9 +82,10 @@ class Candidates:
         (None: ``cfg.score_threshold``): the thresholds, then the agnostic NMS (default recipe,
         ``cfg.agnostic_nms``) and the best ``cfg.max_detections`` per image, as ``scoring.select``
         runs them; ``"__gt__/NAME"`` the GT counts. ``classes``: only these (indices)."""
-        cfg = self.cfg
-        thr = torch.tensor([cfg.score_threshold if t is None else float(t) for t in thresholds], dtype=torch.float32)
-        classes = range(len(self.names)) if classes is None else classes
+        cfg, listed = self.cfg, len(self.names)
+        thr = torch.tensor([cfg.score_threshold if t is None else float(t) for t in thresholds]
+                           + [cfg.score_threshold] * self.extra, dtype=torch.float32)
+        classes = range(listed) if classes is None else classes
         out: dict = {self.names[k]: [] for k in classes}
         for boxes, scores, labels, gts in self.images:
             if not any(bool((labels == k).any()) for k in classes):
@@ -90,7 +95,7 @@ class Candidates:
                 keep = keep[nms(boxes[keep], scores[keep], cfg.agnostic_nms_iou)]
             else:
                 keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
-            keep = keep[: cfg.max_detections]
+            keep = keep[labels[keep] < listed][: cfg.max_detections]
             for k in classes:
                 mine = keep[labels[keep] == k]
                 out[self.names[k]] += match(boxes[mine], scores[mine], gts[k])
@@ -128,15 +133,18 @@ def collect(predictor, coco, images_dir: str | Path, vocab: Vocabulary, *, batch
             progress: Callable[[int], None] | None = None) -> Candidates:
     """Detect every image of ``coco`` with ``vocab`` (its thresholds set aside) at score
     threshold 0, without the agnostic NMS, keeping up to ``CANDIDATES_PER_DETECTION`` times
-    ``max_detections`` per image (soft-NMS: ``max_detections``, what it runs to): the
-    ``Candidates`` the fit replays deployment on."""
+    ``max_detections`` per image (soft-NMS: ``max_detections``, what it runs to), and the boxes
+    of the negatives and distractors (``report_extra``): the ``Candidates`` the fit replays
+    deployment on."""
     cfg = predictor.scoring_config()
     cap = cfg.max_detections if cfg.soft_nms else max(CANDIDATES_MIN, CANDIDATES_PER_DETECTION * cfg.max_detections)
     free = Vocabulary(tuple(dataclasses.replace(c, threshold=None) for c in vocab.classes))
-    images = [(d.boxes_xyxy.float(), d.scores.float(), d.label_ids, gts)
-              for d, gts in _detect_set(predictor, coco, images_dir, free, batch_size, progress,
-                                        score_threshold=0.0, agnostic_nms=False, max_detections=cap)]
-    return Candidates(vocab.names, cfg, images)
+    images, extra = [], 0
+    for d, gts in _detect_set(predictor, coco, images_dir, free, batch_size, progress, score_threshold=0.0,
+                              agnostic_nms=False, max_detections=cap, report_extra=True):
+        images.append((d.boxes_xyxy.float(), d.scores.float(), d.label_ids, gts))
+        extra = max(extra, len(d.vocabulary) - len(vocab.names))
+    return Candidates(vocab.names, cfg, images, extra)
 
 
 def check(predictor, coco, images_dir: str | Path, vocab: Vocabulary, *, batch_size: int = 8,

@@ -111,6 +111,10 @@ class ScoringConfig:
     # Gaussian soft-NMS (sigma 0.5, pruned below 0.001: RegionCLIP's settings) instead of per-label
     # NMS; RegionCLIP evaluates its fine-tuned detectors with it. regionclip recipe only.
     soft_nms: bool = False
+    # Calibration's collection only (``calibrate.collect``): boxes whose best match is a negative or
+    # a distractor come back too, their label ids past the vocabulary's, so that the fit can replay
+    # how they suppress listed boxes in the label-blind NMS. Never for output.
+    report_extra: bool = False
 
 
 RECIPES = ("default", "regionclip")

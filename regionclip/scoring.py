@@ -76,6 +76,10 @@ def class_thresholds(rules, default: float, num_classes: int, like: torch.Tensor
     return torch.tensor(rules.threshold_list(default, num_classes), dtype=torch.float32, device=like.device)
 
 
+# What ``select`` names a negative's or distractor's box under ``report_extra``.
+EXTRA_NAME = "<negative or distractor>"
+
+
 def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vocabulary: Sequence[str],
            filter_boxes: bool = True, rules=None) -> Detections:
     """Each box's top-k labels; with ``filter_boxes`` the score threshold, per-label NMS, the
@@ -86,7 +90,8 @@ def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vo
     (negatives, then distractors), each class its own threshold. With ``filter_boxes`` a box whose
     best match is an extra column goes through the threshold and both NMS with its labels, so it
     suppresses weaker boxes on the same object, and is then removed with every extra label;
-    ``max_detections`` counts what is left. Given boxes only lose the extra columns."""
+    ``max_detections`` counts what is left. Given boxes only lose the extra columns.
+    ``cfg.report_extra`` (calibration) keeps the extra rows' boxes, named ``EXTRA_NAME``."""
     extra = rules.extra if rules is not None else 0
     classes = probs.shape[1] - extra
     if extra and not filter_boxes:
@@ -106,7 +111,10 @@ def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vo
         keep = keep[batched_nms(boxes[keep], scores[keep], label_ids[keep], cfg.nms_iou)]
         if cfg.agnostic_nms:
             keep = keep[nms(boxes[keep], scores[keep], cfg.agnostic_nms_iou)]
-        if extra:
+        if extra and cfg.report_extra:  # the extra rows stay, ids past the vocabulary's
+            keep = keep[~won[keep] | (label_ids[keep] >= classes)]
+            vocabulary = (*vocabulary, *[EXTRA_NAME] * extra)
+        elif extra:
             keep = keep[~won[keep] & (label_ids[keep] < classes)]
         keep = keep[: cfg.max_detections]
         boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]

@@ -158,3 +158,21 @@ def test_calibrate_expects_what_detect_gives_with_the_tuned_vocabulary(tmp_path,
     for name in names:
         *_, p_here, _, _, r_here = rows[name]
         assert (p_here, r_here) == (pct(got[name][0]), pct(got[name][1])), (name, rows[name], got[name])
+
+
+def test_a_short_list_calibrates_with_the_distractors_that_suppress_its_boxes(tmp_path):
+    """The demo's other names are distractors of a 3-name list: a box whose best match is one of
+    them suppresses the listed box under it in the label-blind NMS. Collected without them, the fit
+    counted those listed boxes (seed 21: green circle expected precision and recall 1.0, detect
+    gave no green circle; now 0 expected)."""
+    from regionclip.calibrate import run_calibrate
+    from regionclip.data import make_shapes
+    from regionclip.predictor import Predictor
+
+    data = make_shapes(tmp_path / "s", n_train=0, n_val=6, seed=21, image_size=(256, 320), captions_per_image=0)
+    vocab = Vocabulary.from_labels(["green circle", "blue square", "blue triangle"])
+    fits, measured = run_calibrate(data["val_annotations"], data["val_images"], vocab, tmp_path / "tuned.yaml",
+                                   lambda: Predictor.from_pretrained("demo", device="cpu"))
+    for e, m in zip(fits, measured):
+        assert (e.precision, e.recall) == (m.precision, m.recall), (e, m)
+    assert fits[0].name == "green circle" and fits[0].gt == 1 and fits[0].detections == 1

@@ -19,7 +19,7 @@ from regionclip.data.shapes import CATEGORIES, render_shapes_image
 from regionclip.errors import BadConfig, BadInput
 from regionclip.evaluate import load_ground_truth
 from regionclip.exemplars import VocabRules
-from regionclip.scoring import select
+from regionclip.scoring import EXTRA_NAME, select
 from regionclip.shortlists import evaluate_short_lists, pick_lists
 from regionclip.vocabulary import Vocabulary
 
@@ -52,6 +52,15 @@ def test_a_box_won_by_a_distractor_suppresses_then_goes():
     assert "red circle" in plain.names  # without the distractor the blue circle is a red circle
     given = select(boxes, probs, cfg, ["red circle", "blue square"], filter_boxes=False, rules=rules)
     assert len(given) == 6 and int(given.label_ids.max()) == 1  # given boxes keep their class labels only
+    # calibration's collection (report_extra): the distractor's box stays, named past the vocabulary
+    cfg = ScoringConfig(score_threshold=0.2, agnostic_nms=True, agnostic_nms_iou=0.3, max_detections=5, top_k=2,
+                        report_extra=True)
+    seen = select(boxes, probs, cfg, ["red circle", "blue square"], rules=rules)
+    assert seen.names == [EXTRA_NAME, "blue square"] and seen.label_ids.tolist() == [2, 1]
+    from regionclip.onnx.runtime import OnnxDetector
+
+    b, sc, ids = OnnxDetector.postprocess(None, boxes.numpy(), None, probs.numpy(), cfg, rules)
+    assert ids.tolist() == [2, 1] and sc.tolist() == pytest.approx(seen.scores.tolist())
 
 
 def test_names_that_name_a_listed_thing_are_not_distractors():

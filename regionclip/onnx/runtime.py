@@ -276,7 +276,8 @@ class OnnxDetector:
         Returns ``(boxes_xyxy (K, 4), scores (K,), label_ids (K,) int64)``, best first.
         ``rules`` (``exemplars.VocabRules``), as ``scoring.select``: a box whose best column is one
         of the last ``rules.extra`` (negatives, distractors) suppresses in both NMS, then goes with
-        every extra label; each class has its own threshold."""
+        every extra label (kept, ids past the classes', under ``report_extra``); each class has its
+        own threshold."""
         extra = rules.extra if rules is not None else 0
         classes = probs.shape[1] - extra
         thr = np.full(probs.shape[1], scoring.score_threshold, dtype=F32)
@@ -295,7 +296,9 @@ class OnnxDetector:
         keep = keep[ops.batched_nms(boxes[keep], scores[keep], label_ids[keep], scoring.nms_iou)]
         if scoring.agnostic_nms:
             keep = keep[ops.nms(boxes[keep], scores[keep], scoring.agnostic_nms_iou)]
-        if extra:
+        if extra and scoring.report_extra:  # calibration: the extra rows' boxes stay
+            keep = keep[~won[keep] | (label_ids[keep] >= classes)]
+        elif extra:
             keep = keep[~won[keep] & (label_ids[keep] < classes)]
         keep = keep[: scoring.max_detections]
         return boxes[keep], scores[keep].astype(F32), label_ids[keep].astype(np.int64)
@@ -336,6 +339,7 @@ class OnnxDetector:
         import torch
 
         from ..detections import Detections
+        from ..scoring import EXTRA_NAME
 
         if boxes is not None or proposals:
             raise BadInput("the ONNX runtime detects with its own proposals only; classify given boxes with "
@@ -345,8 +349,8 @@ class OnnxDetector:
             names = list(labels) + [f"extra {i}" for i in range(rules.extra if rules else 0)]
             b, s, ids = self.predict(x.pixels, names, text_embeddings=text, original_size=x.original_size,
                                      rules=rules, **dataclasses.asdict(scoring))
-            out.append((Detections(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(ids), tuple(labels)),
-                        None))
+            named = (*labels, *[EXTRA_NAME] * (rules.extra if rules else 0)) if scoring.report_extra else tuple(labels)
+            out.append((Detections(torch.from_numpy(b), torch.from_numpy(s), torch.from_numpy(ids), named), None))
         return out
 
     def classify_chunk(self, *args, **kwargs):
