@@ -53,12 +53,15 @@ class ImageRecord:
 
 @dataclass
 class Results:
-    """Every image of a run, in the run's order; ``vocabulary`` the label names in id order."""
+    """Every image of a run, in the run's order; ``vocabulary`` the label names in id order.
+    ``annotated``: people's boxes read back from a tool's export (``regionclip.convert.read``),
+    ground truth whose scores are all 1 and mean nothing."""
 
     images: list[ImageRecord]
     vocabulary: list[str]
     model: str | None = None
     meta: dict = field(default_factory=dict)
+    annotated: bool = False
 
 
 def header_size(path: str | os.PathLike) -> tuple[int, int] | None:

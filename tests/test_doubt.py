@@ -4,6 +4,8 @@ priority ``label`` records per image, and the order ``most_doubtful`` / ``conver
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +100,22 @@ def test_label_records_the_figures_and_folders_without_them_still_rank(tmp_path,
     ranked = most_doubtful(out)
     assert sorted(name for name, _ in ranked) == sorted(images)
     assert [p for _, p in ranked] == sorted((r["priority"] for r in rows), reverse=True)
+    # convert sends the most doubtful first; Label Studio's tasks carry the priority (and 1 - it as the
+    # prediction score its data manager sorts by); CVAT's archive lists the images in that order
+    code, _, err = run(["convert", str(out), "--to", "labelstudio", "--out", str(tmp_path / "ls"),
+                        "--most-doubtful", "2"], capsys)
+    assert code == 0, err
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert [(t["data"]["image"], t["data"]["priority"]) for t in tasks] == [(n, pytest.approx(p, abs=1e-6))
+                                                                          for n, p in ranked[:2]]
+    assert [t["predictions"][0]["score"] for t in tasks] == pytest.approx([1 - p for _, p in ranked[:2]], abs=1e-6)
+    zipped = convert(out, "cvat", tmp_path / "c.zip", doubt_first=True)
+    with zipfile.ZipFile(zipped) as zf:
+        names = [im["file_name"] for im in json.loads(zf.read("annotations/instances_default.json"))["images"]]
+    assert names == [Path(n).name for n, _ in ranked]
+    code, _, err = run(["convert", str(out), "--to", "coco", "--out", str(tmp_path / "r.json"), "--most-doubtful",
+                        "0"], capsys)
+    assert code == 2 and "--most-doubtful must be at least 1" in err
     # A folder written before the doubt columns: read, ranked by the gap to the manifest's threshold, converted.
     table = pq.read_table(out / "shard-00000.parquet")
     pq.write_table(table.drop_columns(["margins", "threshold_gaps", "near_miss", "priority"]),
