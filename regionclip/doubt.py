@@ -84,22 +84,22 @@ def figures(probs: torch.Tensor, boxes_xyxy: torch.Tensor, rows: torch.Tensor, l
     margins = scores.float() - runner_up
     gaps = scores.float() - thresholds.float()
 
+    # Every row's near-miss doubt, claimed rows zeroed: no branch on the values, so no wait for a GPU.
     unclaimed = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
     unclaimed[rows] = False
     if len(rows):
         unclaimed &= box_iou(boxes_xyxy.float(), boxes_xyxy.float()[rows]).max(dim=1).values < cover_iou
-    near = probs.new_zeros(())
-    if bool(unclaimed.any()):
-        classes = probs[unclaimed, :num_classes]
-        thr = torch.as_tensor(class_thresholds, dtype=torch.float32, device=probs.device).expand(classes.shape[1])
-        best = (classes - thr).max(dim=1)
-        s, t = classes.gather(1, best.indices[:, None])[:, 0], thr[best.indices]
-        winner = probs[unclaimed].max(dim=1).values
-        below = 1 - (t - s) / t.clamp(min=1e-6)
-        # A box whose class won its row above the threshold was cut by max_detections, behind
-        # surer ones: not a miss. One beaten by a negative or distractor is.
-        beaten = torch.where(winner > s, 1 - (winner - s), torch.zeros_like(s))
-        near = torch.where(s < t, below, beaten).clamp(0, 1).max()
+    classes = probs[:, :num_classes]
+    thr = torch.as_tensor(class_thresholds, dtype=torch.float32, device=probs.device).expand(classes.shape[1])
+    best = (classes - thr).max(dim=1).indices if len(probs) else torch.zeros(0, dtype=torch.long, device=probs.device)
+    s, t = classes.gather(1, best[:, None])[:, 0], thr[best]
+    winner = probs.max(dim=1).values if len(probs) else s
+    below = 1 - (t - s) / t.clamp(min=1e-6)
+    # A box whose class won its row above the threshold was cut by max_detections, behind
+    # surer ones: not a miss. One beaten by a negative or distractor is.
+    beaten = torch.where(winner > s, 1 - (winner - s), torch.zeros_like(s))
+    doubt = torch.where(s < t, below, beaten).clamp(0, 1) * unclaimed
+    near = doubt.max() if len(probs) else probs.new_zeros(())
     return Doubt(margins, gaps, near)
 
 

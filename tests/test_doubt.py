@@ -42,6 +42,8 @@ def test_select_gives_each_detection_its_margin_and_gap_and_the_image_its_near_m
         pytest.approx(0.95)
     # Indexing and the device move keep the figures with their boxes.
     assert d[torch.tensor([False])].doubt.margins.shape == (0,) and d.cpu().doubt is not None
+    none = select(BOXES[:0], PROBS[:0], cfg, ["a", "b"], rules=VocabRules(num_distractors=1))  # no proposals
+    assert none.doubt.margins.shape == (0,) and float(none.doubt.near_miss) == 0
     # Given boxes: no selection, no figures.
     assert select(BOXES, PROBS[:, :2], cfg, ["a", "b"], filter_boxes=False).doubt is None
 
