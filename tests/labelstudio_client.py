@@ -17,6 +17,14 @@ def main() -> None:
         tasks = sorted(ls.tasks.list(project=project.id), key=lambda t: t.id)
         out = {"project": project.id, "tasks": [t.id for t in tasks],
                "predictions": [[p.dict() for p in ls.predictions.list(task=t.id)] for t in tasks]}
+    elif args["step"] == "correct":  # people's annotations submitted through the API, then the project's JSON export
+        for a in args["annotations"]:
+            ls.annotations.create(id=a["task"], result=a["result"], was_cancelled=a["was_cancelled"])
+        with open(args["export"], "wb") as f:
+            for chunk in ls.projects.exports.download_sync(id=args["project"], export_type="JSON",
+                                                           download_all_tasks=True):
+                f.write(chunk)
+        out = {"export": args["export"]}
     else:  # "backend": connect regionclip serve, ask Label Studio for a task's predictions
         ml = ls.ml.create(url=args["backend"], project=args["project"], title="regionclip serve")
         ls.actions.create(id="retrieve_tasks_predictions", project=args["project"],

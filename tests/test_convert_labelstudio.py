@@ -30,7 +30,10 @@ def test_tasks_and_config(tmp_path):
     assert len(tasks) == 1  # the undecodable image has nothing to show
     assert tasks[0]["data"]["image"] == "/data/local-files/?d=" + str(tmp_path / "a.png")
     (pred,) = tasks[0]["predictions"]
-    assert pred["model_version"] == "demo" and pred["score"] == pytest.approx(0.55)
+    # the image's review priority (regionclip.doubt), here from the scores alone: 1 - min(0.9, 0.2);
+    # the prediction's score is 1 - it, so Label Studio's sort by prediction score puts it first
+    assert tasks[0]["data"]["priority"] == pytest.approx(0.8)
+    assert pred["model_version"] == "demo" and pred["score"] == pytest.approx(0.2)
     first, second = pred["result"]
     assert first["type"] == "rectanglelabels" and (first["from_name"], first["to_name"]) == ("box", "img")
     assert (first["original_width"], first["original_height"]) == (200, 100)
@@ -86,3 +89,73 @@ def _run(main, argv):
         main(argv)
     except SystemExit as exc:
         assert exc.code in (0, None), f"regionclip {' '.join(argv)} exited {exc.code}"
+
+
+# ----------------------------------------------------------------------------- reading corrections
+def _region(x, y, w, h, name, rotation=0, size=(200, 100), kind="rectanglelabels"):
+    return {"id": name, "type": kind, "from_name": "label", "to_name": "image", "original_width": size[0],
+            "original_height": size[1], "value": {"x": x, "y": y, "width": w, "height": h, "rotation": rotation,
+                                                  kind: [name]}}
+
+
+def _export(tmp_path) -> list[dict]:
+    """Label Studio's JSON export as its API gives it: per task its annotations (some older, some
+    skipped) and the predictions it was imported with."""
+    Image.fromarray(shapes_image(50, 40)).save(tmp_path / "empty.png")
+    return [
+        {"id": 1, "data": {"image": "/data/local-files/?d=im%20a.png", "priority": 0.9},
+         "predictions": [{"result": [_region(0, 0, 50, 50, "bird")], "score": 0.1}],
+         "annotations": [
+             {"id": 11, "was_cancelled": False, "created_at": "2025-01-01T10:00:00.000000Z",
+              "updated_at": "2025-01-03T10:00:00.000000Z",  # the latest: edited after 12 was made
+              "result": [_region(10, 10, 20, 40, "dog"), _region(50, 0, 10, 20, "cat", rotation=90),
+                         {"type": "choices", "value": {"choices": ["ok"]}, "from_name": "q", "to_name": "image"}]},
+             {"id": 12, "was_cancelled": False, "created_at": "2025-01-02T10:00:00.000000Z",
+              "updated_at": "2025-01-02T10:00:00.000000Z", "result": [_region(0, 0, 10, 10, "dog")]},
+             {"id": 13, "was_cancelled": True, "created_at": "2025-01-04T10:00:00.000000Z",
+              "updated_at": "2025-01-04T10:00:00.000000Z", "result": []}]},
+        {"id": 2, "data": {"image": "/data/local-files/?d=skipped.png"},
+         "annotations": [{"id": 21, "was_cancelled": True, "result": []}]},
+        {"id": 3, "data": {"image": "/data/local-files/?d=unseen.png"}, "annotations": []},
+        {"id": 4, "data": {"image": "/data/local-files/?d=empty.png"},
+         "annotations": [{"id": 41, "was_cancelled": False, "result": []}]},  # reviewed: nothing there
+    ]
+
+
+def test_reads_the_latest_submitted_annotation_of_each_task(tmp_path, monkeypatch):
+    from regionclip.convert import read
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "export.json").write_text(json.dumps(_export(tmp_path)))
+    res = read(tmp_path / "export.json", image_prefix="/data/local-files/?d=")
+    assert res.annotated and res.vocabulary == ["dog", "cat"]
+    a, empty = res.images
+    assert (a.image, a.width, a.height) == ("im a.png", 200, 100)
+    assert a.labels == ["dog", "cat"]
+    # 90 degrees clockwise about its top-left corner (100, 0): 20 px wide, 20 px tall, standing left of it
+    np.testing.assert_allclose(a.boxes_xyxy, [[20, 10, 60, 50], [80, 0, 100, 20]], atol=1e-4)
+    assert (empty.image, empty.width, empty.height, len(empty.labels)) == ("empty.png", 40, 50, 0)
+    coco = json.loads(convert(res, "coco", tmp_path / "gt.json").read_text())  # instances, no scores
+    assert [(im["file_name"], im["width"], im["height"]) for im in coco["images"]] == [("im a.png", 200, 100),
+                                                                                      ("empty.png", 40, 50)]
+    assert [a["bbox"] for a in coco["annotations"]] == [[20, 10, 40, 40], [80, 0, 20, 20]]
+    assert all("score" not in a for a in coco["annotations"]) and coco["categories"][1]["name"] == "cat"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"data": {"image": "a.png"}, "annotations": [{"result": [{"type": "rectanglelabels", "value": {}, '
+     '"original_width": 10, "original_height": 10}]}]}]', "a rectanglelabels result without"),
+    ('[{"data": {"image": "a.png"}, "annotations": [{"was_cancelled": true, "result": []}]}]', "no task has a submitted"),
+    ('{"tasks": []}', None),
+    ("[{", "not a readable"),
+])
+def test_a_malformed_export_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+    from regionclip_cli.main import main
+
+    (tmp_path / "e.json").write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tmp_path / "e.json"), "--from", "labelstudio", "--to", "coco", "--out",
+              str(tmp_path / "o.json")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert message is None or message in err, err

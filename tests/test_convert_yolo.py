@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,3 +80,50 @@ def test_from_a_detect_json_and_missing_images(tmp_path, monkeypatch):
     os.remove("im0.png")
     with pytest.raises(BadInput, match="image size unknown"):
         convert(load_results("det.json"), "yolo", tmp_path / "ds2")
+
+
+# ----------------------------------------------------------------------------- reading corrections
+def test_reads_a_yolo_dataset_back(tmp_path):
+    """Our dataset read back within a pixel; then the Ultralytics layout (images/train, images/val,
+    labels/ beside them, names as a list, a polygon line, an image without a label file)."""
+    from regionclip.convert import read
+
+    Image.fromarray(shapes_image(97, 203)).save(tmp_path / "a.png")
+    boxes = np.array([[20.3, 10.1, 60.7, 50.2]], np.float32)
+    ours = convert(Results([ImageRecord(str(tmp_path / "a.png"), 203, 97, boxes, ["dog"], [0.9])], ["cat", "dog"]),
+                   "yolo", tmp_path / "ds")
+    back = read(ours)
+    assert back.annotated and back.vocabulary == ["cat", "dog"] and back.images[0].labels == ["dog"]
+    np.testing.assert_allclose(back.images[0].boxes_xyxy, boxes, atol=1e-3)
+
+    root = tmp_path / "ul"
+    for split, names in (("train", ["t1.jpg", "t2.jpg"]), ("val", ["v1.jpg"])):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for n in names:
+            Image.fromarray(shapes_image(50, 100)).save(root / "images" / split / n)
+    (root / "labels" / "train" / "t1.txt").write_text("1 0.5 0.5 0.2 0.4\n0 0.1 0.1 0.3 0.1 0.2 0.5\n")
+    (root / "labels" / "val" / "v1.txt").write_text("")
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                                    "names": ["car", "bus"]}))
+    got = read(root / "data.yaml")
+    assert [Path(r.image).name for r in got.images] == ["t1.jpg", "t2.jpg", "v1.jpg"]
+    assert got.images[0].labels == ["bus", "car"] and got.images[1].labels == got.images[2].labels == []
+    np.testing.assert_allclose(got.images[0].boxes_xyxy, [[40, 15, 60, 35], [10, 5, 30, 25]], atol=1e-4)
+    coco = json.loads(convert(got, "coco", tmp_path / "gt.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == ["car", "bus"] and len(coco["images"]) == 3
+    assert coco["info"]["images_dir"] == str(root / "images")
+
+
+def test_a_bad_label_line_is_one_line(tmp_path, capsys):
+    from regionclip_cli.main import main
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(shapes_image(20, 20)).save(tmp_path / "images" / "x.png")
+    (tmp_path / "labels" / "x.txt").write_text("7 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"train": "images", "names": {0: "cat"}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tmp_path), "--to", "coco", "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "x.txt:1" in err, err

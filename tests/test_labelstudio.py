@@ -1,6 +1,7 @@
 """A real Label Studio (issue 24): a project made with our labelling config through
 label-studio-sdk takes our tasks and gives their predictions back unchanged; then `regionclip
 serve` connected as its ML backend gives predictions for a task through Label Studio's API.
+Issue 33: people's corrections submitted through its API come back through its JSON export.
 
 Label Studio is heavy (Django; its SDK pins numpy < 2.3), so it lives in its own venv,
 ``$LABEL_STUDIO_VENV`` (default ``~/.cache/regionclip/labelstudio-venv``, made by ``.ci/run``), and this runs as
@@ -156,3 +157,49 @@ def test_tasks_predictions_and_the_ml_backend(label_studio, tmp_path, monkeypatc
         np.testing.assert_allclose([a["value"][k] for k in "xy"] + [a["value"]["width"], a["value"]["height"]],
                                    [b["value"][k] for k in "xy"] + [b["value"]["width"], b["value"]["height"]],
                                    atol=0.2)
+
+
+def test_corrections_come_back_through_the_export(label_studio, tmp_path, monkeypatch):
+    """label -> convert --doubt-first -> imported; a person's correction of one task (a box moved,
+    one deleted, one added; an earlier draft before it) and a skipped other task, submitted through
+    the API; the project's JSON export converted to COCO instances holds exactly the correction."""
+    from regionclip_cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    for i in range(2):
+        Image.fromarray(shapes_image(120, 160, seed=i)).save(f"im{i}.png")
+    for argv in (["label", "im0.png", "im1.png", "--model", "demo", "--out", "lab", "--workers", "0"],
+                 ["convert", "lab", "--to", "labelstudio", "--out", "ls", "--doubt-first"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code in (0, None)
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    got = sdk(step="import", url=label_studio, token=TOKEN, config=str(tmp_path / "ls" / "config.xml"),
+              tasks=str(tmp_path / "ls" / "tasks.json"))
+    ids = got["tasks"]
+    predicted = got["predictions"][0][0]["result"]
+    assert len(predicted) >= 2 and got["predictions"][0][0]["score"] == pytest.approx(tasks[0]["predictions"][0]["score"])
+    moved = json.loads(json.dumps(predicted[0]))
+    moved["value"]["x"] += -5.0 if moved["value"]["x"] >= 5 else 5.0  # inside the image either way
+    added = {**json.loads(json.dumps(predicted[0])), "id": "new1"}
+    added["value"] = {"x": 80.0, "y": 75.0, "width": 12.5, "height": 20.0, "rotation": 0,
+                      "rectanglelabels": ["blue square"]}
+    correction = [moved, added]  # predicted[1:] deleted
+    sdk(step="correct", url=label_studio, token=TOKEN, project=got["project"], export=str(tmp_path / "export.json"),
+        annotations=[{"task": ids[0], "result": predicted, "was_cancelled": False},  # a first draft
+                     {"task": ids[0], "result": correction, "was_cancelled": False},
+                     {"task": ids[1], "result": [], "was_cancelled": True}])  # skipped
+    exported = {t["id"]: t for t in json.loads((tmp_path / "export.json").read_text())}
+    assert len(exported[ids[0]]["annotations"]) == 2 and exported[ids[1]]["annotations"][0]["was_cancelled"]
+    assert exported[ids[0]]["data"]["priority"] == tasks[0]["data"]["priority"]  # a data manager column
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "export.json", "--to", "coco", "--out", "gt.json"])
+    assert exc.value.code in (0, None)
+    gt = json.loads((tmp_path / "gt.json").read_text())
+    assert [im["file_name"] for im in gt["images"]] == [tasks[0]["data"]["image"]]  # the skipped task is left out
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    w, h = predicted[0]["original_width"], predicted[0]["original_height"]
+    want = [[r["value"]["x"] * w / 100, r["value"]["y"] * h / 100, r["value"]["width"] * w / 100,
+             r["value"]["height"] * h / 100] for r in correction]
+    assert [names[a["category_id"]] for a in gt["annotations"]] == [r["value"]["rectanglelabels"][0] for r in correction]
+    np.testing.assert_allclose([a["bbox"] for a in gt["annotations"]], want, atol=2e-3)

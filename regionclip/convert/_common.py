@@ -1,14 +1,17 @@
-"""What the converters share: score filtering, known image sizes, and file names without clashes."""
+"""What the converters share: score filtering, known image sizes, file names without clashes, and
+the shape of boxes read back from a tool (``annotated``)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BadInput, BadOutput
 from ..outputs import relative_paths
-from ..records import ImageRecord, Results
+from ..records import ImageRecord, Results, header_size
 
 
 def kept(record: ImageRecord, min_score: float | None) -> ImageRecord:
@@ -16,8 +19,10 @@ def kept(record: ImageRecord, min_score: float | None) -> ImageRecord:
     if min_score is None:
         return record
     keep = record.scores >= float(min_score)
-    return ImageRecord(record.image, record.width, record.height, record.boxes_xyxy[keep],
-                       [name for name, k in zip(record.labels, keep) if k], record.scores[keep], record.error)
+    return replace(record, boxes_xyxy=record.boxes_xyxy[keep], labels=[n for n, k in zip(record.labels, keep) if k],
+                   scores=record.scores[keep],
+                   margins=None if record.margins is None else record.margins[keep],
+                   threshold_gaps=None if record.threshold_gaps is None else record.threshold_gaps[keep])
 
 
 def usable(results: Results, min_score: float | None) -> list[ImageRecord]:
@@ -58,3 +63,29 @@ def output_folder(out: Path) -> Path:
 def clip_xyxy(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Boxes clipped to the image (detector boxes may overhang by a fraction of a pixel)."""
     return np.clip(boxes, 0, [width, height, width, height]).astype(np.float64)
+
+
+def read_json(path: Path, what: str):
+    """A JSON file's content; ``BadInput`` naming ``what`` was expected when it is not one."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{path}: not a readable {what} ({type(exc).__name__})") from None
+
+
+def annotated(images: list[ImageRecord], labels: list[str], source: Path, fmt: str) -> Results:
+    """People's boxes read from a tool's export as ``Results`` (``annotated``, scores 1):
+    ``labels`` are the categories in id order, then any the boxes use that they lack."""
+    vocab = list(dict.fromkeys(labels))
+    for r in images:
+        vocab += [n for n in dict.fromkeys(r.labels) if n not in vocab]
+    return Results(images=images, vocabulary=vocab, meta={"source": str(source), "format": fmt}, annotated=True)
+
+
+def person_record(image: str, size: tuple[int, int] | None, boxes_xyxy: list, labels: list[str]) -> ImageRecord:
+    """One image's boxes as people drew them (score 1); ``size`` (width, height), else read from
+    the image file when it is there."""
+    if size is None and Path(image).is_file():
+        size = header_size(image)
+    return ImageRecord(image, size[0] if size else None, size[1] if size else None, boxes_xyxy, labels,
+                       np.ones(len(labels), np.float32))

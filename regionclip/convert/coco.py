@@ -7,7 +7,8 @@ vocabulary in order, then any label the records use that it lacks (``_common.voc
 every converter maps them); boxes clipped to the image; ``file_name`` relative to the images'
 common folder, written as ``info.images_dir`` (the ``images_dir`` to train with; CVAT names a
 task's files uploaded from there the same way). Each annotation keeps its ``score`` beside the
-COCO fields (pycocotools and CVAT ignore what they do not know).
+COCO fields (pycocotools and CVAT ignore what they do not know), except people's boxes read back
+from a tool (``Results.annotated``), which are written as an instances file whatever was asked.
 
 Results records keep ``detect --json``'s numbering: ``image_id`` the image's 0-based position in
 the results, ``category_id`` as in ``instances_file``. They also carry ``image`` and ``label``, so
@@ -59,7 +60,8 @@ def instances_file(results: Results, min_score: float | None = None, fmt: str = 
     records = usable(results, min_score)
     ids = category_ids(results, records)
     root, names = relative_paths([r.image for r in records])
-    coco = {"info": {"description": "regionclip detections", "images_dir": str(root), "model": results.model},
+    what = f"corrections from {results.meta.get('format')}" if results.annotated else "regionclip detections"
+    coco = {"info": {"description": what, "images_dir": str(root), "model": results.model},
             "licenses": [], "categories": [{"id": i, "name": n, "supercategory": ""} for n, i in ids.items()],
             "images": [], "annotations": []}
     for image_id, (r, name) in enumerate(zip(records, names), start=1):
@@ -69,7 +71,7 @@ def instances_file(results: Results, min_score: float | None = None, fmt: str = 
             coco["annotations"].append({
                 "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": ids[label],
                 "bbox": [x, y, bw, bh], "area": round(bw * bh, 3), "iscrowd": 0, "segmentation": [],
-                "score": round(float(score), 5)})
+                **({} if results.annotated else {"score": round(float(score), 5)})})
     return coco
 
 
@@ -77,6 +79,6 @@ def write(results: Results, out: Path, instances: bool = False, min_score: float
     """Write ``results`` to ``out`` (a .json file): results records, or an instances file."""
     usable(results, min_score)  # min_score checked before anything is written
     check_output_file(out, "--out")
-    if instances:
+    if instances or results.annotated:  # people's boxes are ground truth: results records would mean nothing
         return atomic_write_json(out, instances_file(results, min_score))
     return atomic_write_text(out, dumps_records(results_records(results, min_score)))

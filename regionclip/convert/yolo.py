@@ -5,6 +5,13 @@ Images are symlinked (``copy_images`` copies them) below ``images/`` in the layo
 their common folder; each has a label file at the same place below ``labels/`` (empty when
 nothing was found: a negative example). ``data.yaml`` points both ``train`` and ``val`` at
 ``images``: split it before training on it.
+
+``read`` takes a YOLO dataset back (one that people corrected, or any in this layout): the images of
+``data.yaml``'s ``train``, ``val`` and ``test`` (a folder, a ``.txt`` list of images or a list of
+either, relative to ``path``, else to the yaml's folder), each once, with the label file at the
+image's path with its last ``images`` folder renamed ``labels`` and a ``.txt`` suffix (the
+Ultralytics rule). A missing label file is an image without boxes; a line with more than five
+numbers is a polygon, read as the box around it.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import yaml
 
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import BadInput
-from ..records import Results
-from ._common import clip_xyxy, names, output_folder, size_of, usable, vocabulary
+from ..io import IMAGE_EXTENSIONS
+from ..records import ImageRecord, Results
+from ._common import annotated, clip_xyxy, names, output_folder, person_record, size_of, usable, vocabulary
 
 
 def label_lines(boxes_xyxy, class_ids: list[int], width: int, height: int) -> list[str]:
@@ -59,3 +67,90 @@ def write(results: Results, out: Path, *, min_score: float | None = None, copy_i
             "names": dict(enumerate(vocab))}
     atomic_write_text(out / "data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return out
+
+
+def _yaml(path: Path) -> tuple[Path, dict]:
+    """(the yaml file, its content) for a dataset folder or its yaml."""
+    file = path / "data.yaml" if path.is_dir() else path
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BadInput(f"{file}: not a readable YOLO data.yaml ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or "names" not in data or not any(k in data for k in ("train", "val", "test")):
+        raise BadInput(f"{file}: a YOLO data.yaml needs names and train/val/test image folders")
+    return file, data
+
+
+def _split_images(entry, root: Path) -> list[Path]:
+    """The images of one split entry: a folder (searched below), a .txt list, or a list of either."""
+    out: list[Path] = []
+    for item in entry if isinstance(entry, list) else [entry]:
+        where = Path(str(item))
+        where = where if where.is_absolute() else root / where
+        if where.is_dir():
+            out += sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif where.is_file() and where.suffix == ".txt":
+            lines = [s.strip() for s in where.read_text().splitlines() if s.strip()]
+            out += [Path(s) if Path(s).is_absolute() else where.parent / s for s in lines]
+        else:
+            raise BadInput(f"{where}: a split of the YOLO dataset that is not there (data.yaml names it)")
+    return out
+
+
+def label_file(image: Path) -> Path:
+    """Where a YOLO trainer looks for ``image``'s labels: its last ``images`` folder as ``labels``."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def read(path: Path, **_) -> Results:
+    """People's boxes in the YOLO dataset at ``path`` (a folder with ``data.yaml``, or the yaml)."""
+    file, data = _yaml(Path(path))
+    base = Path(str(data.get("path") or "."))
+    root = base if base.is_absolute() else file.parent / base
+    names = data["names"]
+    classes = {int(k): str(v) for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+    seen: set[Path] = set()
+    images: list[ImageRecord] = []
+    for split in ("train", "val", "test"):
+        for image in _split_images(data[split], root) if data.get(split) else []:
+            key = image.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            images.append(_record(image, classes))
+    return annotated(images, [classes[k] for k in sorted(classes)], file, "yolo")
+
+
+def _record(image: Path, classes: dict[int, str]) -> ImageRecord:
+    record = person_record(str(image), None, [], [])
+    if record.width is None:
+        raise BadInput(f"{image}: image not found or unreadable; YOLO labels are relative to the image size")
+    w, h = record.width, record.height
+    labels_at = label_file(image)
+    boxes, labels = [], []
+    lines = labels_at.read_text().splitlines() if labels_at.is_file() else []
+    for n, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            c, values = int(fields[0]), [float(v) for v in fields[1:]]
+            name = classes[c]
+        except (ValueError, KeyError):
+            raise BadInput(f"{labels_at}:{n}: not 'class cx cy w h' with a class of data.yaml's names") from None
+        if len(values) == 4:
+            cx, cy, bw, bh = values
+            box = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+        elif len(values) >= 6 and len(values) % 2 == 0:
+            xs, ys = values[0::2], values[1::2]
+            box = [min(xs), min(ys), max(xs), max(ys)]
+        else:
+            raise BadInput(f"{labels_at}:{n}: expected 'class cx cy w h' (or a polygon's x y pairs)")
+        boxes.append([box[0] * w, box[1] * h, box[2] * w, box[3] * h])
+        labels.append(name)
+    return person_record(str(image), (w, h), boxes, labels)
