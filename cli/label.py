@@ -79,7 +79,7 @@ def label(
         if engine == "ray":
             from regionclip.label.ray_engine import label_with_ray
 
-            summary = label_with_ray(sources, vocab, cfg, out, before_run=shown.start, on_result=shown.add, **args)
+            summary = label_with_ray(sources, vocab, cfg, out, before_run=shown.start, on_progress=shown.advance, **args)
         else:
             summary = label_images(sources, vocab, lambda: O.build_model(cfg), out, before_run=shown.start,
                                    on_result=shown.add, **args)
@@ -120,7 +120,10 @@ class _Shown:
         self.task = self.bar.add_task("labelling", total=summary.todo, rate="")
 
     def add(self, p) -> None:
-        self.bar.advance(self.task)
+        self.advance(1)
+
+    def advance(self, images: int) -> None:
+        self.bar.advance(self.task, images)
         speed = self.bar.tasks[0].speed
         self.bar.update(self.task, rate=f"{speed:.1f} img/s" if speed else "")
 
