@@ -131,11 +131,18 @@ def start_local(num_cpus: int | None = None) -> None:
 
 
 def _max_side(cfg) -> int | None:
-    """The side images are decoded at (``RegionCLIP.input_max_side``), from a model built on a CPU:
-    it depends on the detector's own defaults, which only the built model knows."""
+    """The side images are decoded at (``RegionCLIP.input_max_side``), from a model built on a CPU
+    when the config leaves the detector's sizes to its builder."""
     from ..detector import RegionCLIP
 
     return RegionCLIP(config=dataclasses.replace(cfg, device="cpu", precision="fp32")).input_max_side
+
+
+def _own_stage() -> dict:
+    """Ray Data fuses a task stage into the actor stage after it when their remote arguments agree;
+    decoding would then run inside the actors, in turn with the model. A ``ray_remote_args_fn``
+    keeps them apart (Ray cannot know what it will return); it adds nothing."""
+    return {}
 
 
 def label_with_ray(
@@ -187,26 +194,44 @@ def label_with_ray(
 
 def _pipeline(ray, plan, cfg, actors, batch_size: int, scoring: dict, embeddings: bool, summary: LabelSummary,
               on_progress) -> None:
+    from ..model import input_max_side
+
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     count = actors or (gpus if gpus else max(1, cpus // 2))
     out = str(plan.out.resolve())
     items = dataclasses.replace(plan.items, path=str(Path(plan.items.path).resolve()))
-    max_side = cfg.input_max_side if cfg.input_max_side is not None else \
-        ray.get(ray.remote(num_cpus=1)(_max_side).remote(cfg))
-    if max_side is not None and max_side <= 0:
-        max_side = None
+    try:
+        max_side = input_max_side(cfg)
+    except LookupError:
+        max_side = ray.get(ray.remote(num_cpus=1)(_max_side).remote(cfg))
     shards = {s.index: s for s in plan.todo}
-    data = ray.data.from_items([{"shard": s.index, "start": s.start, "stop": s.stop} for s in plan.todo],
-                               override_num_blocks=len(plan.todo))  # a task per shard: decoding spreads out
-    data = data.map_batches(_decode_shard, batch_size=1, num_cpus=1, batch_format="numpy",
-                            fn_kwargs=dict(items=items, max_side=max_side, batch=batch_size, cwd=os.getcwd()))
-    data = data.map_batches(
-        _Labeller, batch_size=batch_size * CALL_BATCHES, concurrency=count, batch_format="numpy",
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs=dict(cfg=cfg, vocabulary=plan.vocabulary, scoring=scoring, batch_size=batch_size,
-                                   embeddings=embeddings, out=out, shards={k: (s.start, s.stop) for k, s in shards.items()},
-                                   threads=None if gpus else max(1, cpus // count)))
+    context = ray.data.DataContext.get_current()
+    # Ray Data gathers what a task yields into blocks of up to 128 MiB, so a task's output (a
+    # shard's images decoded, an actor's reports) would move on only when the task ends: one
+    # block per yield lets each batch move on as it is made.
+    saved, context.target_max_block_size = context.target_max_block_size, 1
+    try:
+        data = ray.data.from_items([{"shard": s.index, "start": s.start, "stop": s.stop} for s in plan.todo],
+                                   override_num_blocks=len(plan.todo))  # a task per shard: decoding spreads out
+        data = data.map_batches(_decode_shard, batch_size=1, num_cpus=1, batch_format="numpy",
+                                ray_remote_args_fn=_own_stage,
+                                fn_kwargs=dict(items=items, max_side=max_side, batch=batch_size, cwd=os.getcwd()))
+        data = data.map_batches(
+            _Labeller, batch_size=batch_size * CALL_BATCHES, concurrency=count, batch_format="numpy",
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+            fn_constructor_kwargs=dict(cfg=cfg, vocabulary=plan.vocabulary, scoring=scoring, batch_size=batch_size,
+                                       embeddings=embeddings, out=out, threads=None if gpus else max(1, cpus // count),
+                                       shards={k: (s.start, s.stop) for k, s in shards.items()}))
+        _collect(ray, data, shards, out, embeddings, summary, on_progress)
+    finally:
+        context.target_max_block_size = saved
+
+
+def _collect(ray, data, shards: dict[int, Shard], out: str, embeddings: bool, summary: LabelSummary,
+             on_progress) -> None:
+    """The driver's part: the actors' counts summed per shard, a merge started for each shard
+    whose images are all in."""
     merge = ray.remote(num_cpus=0)(store.merge_parts)  # file work: it takes no CPU slot from the stages
     got: dict[int, int] = {}
     merging: list = []
