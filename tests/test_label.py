@@ -127,6 +127,26 @@ def test_sources_folders_lists_coco_and_tar(tmp_path, images):
     assert loaded.original_size == (32, 32) and np.array_equal(loaded.pixels, load_reduced(images[0]).pixels)
 
 
+def test_the_item_list_on_disk_gives_any_shard_and_is_read_lazily(tmp_path):
+    from regionclip.label.items import ShardItems, write_items
+    from regionclip.label.sources import TarMember, iter_sources
+
+    odd = os.fsdecode(b"/data/caf\xe9.jpg")  # a Latin-1 file name: not UTF-8
+    items = [f"/data/{i}.jpg" for i in range(5)] + [TarMember("/t.tar", "a/0.png", 512, 99), odd]
+    listing = write_items(tmp_path / "items", iter(items), 3, tmp_path / "items")
+    assert (listing.count, len(listing.offsets)) == (7, 3)
+    shards = plan(7, 3)
+    assert listing.shard(shards[1]) == items[3:6] and listing.keys(shards[2]) == [odd]
+    assert list(ShardItems(listing, [shards[2], shards[0]])) == [odd] + items[:3]
+    # A text list is read as it is consumed: a bad byte 12 kB in is met there, not before the first path.
+    text = tmp_path / "list.txt"
+    text.write_bytes(b"a.png\n" + b"x.png\n" * 2000 + b"\xff\n")
+    lazy = iter_sources([str(text)], [])
+    assert next(lazy) == str(tmp_path / "a.png")
+    with pytest.raises(BadInput, match="not a readable list of image paths"):
+        list(lazy)
+
+
 def test_a_file_given_twice_under_two_spellings_is_one_item(tmp_path, images, monkeypatch):
     monkeypatch.chdir(os.path.dirname(images[0]))
     link = tmp_path / "link.png"

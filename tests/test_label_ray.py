@@ -20,7 +20,7 @@ from regionclip.label.shards import Shard  # noqa: E402
 from test_label import LABELS, assert_same_rows, label_argv, make_images, run, save_tiny, shard_rows  # noqa: E402
 
 # The columns of what the labelling actors return: counts per shard.
-REPORT = {"shard", "images", "failed", "detections", "failures"}
+REPORT = {"shard", "images", "failed", "detections", "failures", "decoded_here"}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,7 @@ def test_a_killed_run_resumed_by_either_engine_equals_the_plain_run_and_the_driv
     assert "5 image(s) labelled (1 failed" in stdout and "2 shard(s) were already complete" in stdout, stdout
     assert received and all(set(b) == REPORT for b in received), [set(b) for b in received]
     assert sum(int(n) for b in received for n in b["images"]) == 5
+    assert sum(int(n) for b in received for n in b["decoded_here"]) == 0  # decoding: a stage of its own
     assert_same_rows(shard_rows(out), rows)
     assert not (out / store.PARTS).exists()  # every part merged, the stale one replaced, all removed
     monkeypatch.undo()
@@ -118,7 +119,7 @@ def test_a_labelling_actor_resolves_the_vocabulary_once(tmp_path, monkeypatch):
         return {"shard": np.array([0] * len(positions)), "position": np.array(positions),
                 "key": np.array([images[p] for p in positions], dtype=object),
                 "image": np.array([pickle.dumps(load_reduced(images[p])) for p in positions], dtype=object),
-                "error": np.array([""] * len(positions), dtype=object)}
+                "error": np.array([""] * len(positions), dtype=object), "decoder": np.array([0] * len(positions))}
 
     reports = [actor(batch([0, 1])), actor(batch([2]))]
     assert len(calls) == 1

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from .shards import Shard
@@ -40,7 +39,7 @@ def _decode(line: bytes):
 @dataclass(frozen=True)
 class ItemList:
     """The run's items, on disk at ``path``: ``count`` of them, ``sha256`` their keys' hash
-    (``store.sources_sha256``), ``offsets[k]`` the byte where shard ``k`` starts (``shard_size``
+    (the manifest's ``sources_sha256``), ``offsets[k]`` the byte where shard ``k`` starts (``shard_size``
     items each). Small and picklable: it travels to Ray's workers instead of the items."""
 
     path: str
@@ -81,7 +80,8 @@ class ShardItems:
 def write_items(tmp: str | os.PathLike, items: Iterable, shard_size: int, path: str | os.PathLike) -> ItemList:
     """Stream ``items`` into the file ``tmp``, which the caller then renames to ``path``
     (``out/.items.jsonl``, once the run's checks pass); return the list as it will be there.
-    The hash is ``store.sources_sha256``'s of the items' keys."""
+    The hash is the manifest's ``sources_sha256``: SHA-256 over each key (its ``str``) and a zero
+    byte, in order, so a changed list, or a changed order, is another run."""
     digest, offsets, count, position = hashlib.sha256(), [], 0, 0
     with open(tmp, "wb") as f:
         for item in items:

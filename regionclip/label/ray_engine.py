@@ -55,12 +55,12 @@ def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int,
 
     for index, start, stop in zip(rows["shard"], rows["start"], rows["stop"]):
         shard = Shard(int(index), int(start), int(stop))
-        out: dict[str, list] = {"shard": [], "position": [], "key": [], "image": [], "error": []}
+        out: dict[str, list] = {"shard": [], "position": [], "key": [], "image": [], "error": [], "decoder": []}
         for position, item in enumerate(items.iter(shard)):
             loaded, error = decode(_readable(item, cwd), max_side)
             for name, value in zip(out, (shard.index, position, str(item),
                                          pickle.dumps(loaded, protocol=5) if loaded is not None else b"",
-                                         error or "")):
+                                         error or "", os.getpid())):
                 out[name].append(value)
             if len(out["key"]) == batch:
                 yield {name: np.array(values, dtype=object if name in ("key", "image", "error") else np.int64)
@@ -73,7 +73,8 @@ def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int,
 
 class _Labeller:
     """Stage 3 (a Ray actor): one model and one resolved vocabulary for its whole life; decoded
-    images in, their rows written as parts of their shards, counts out."""
+    images in, their rows written as parts of their shards, counts out (``decoded_here``: images
+    that were decoded in this very process, which a pipeline of separate stages never has)."""
 
     def __init__(self, cfg, vocabulary, scoring: dict, batch_size: int, embeddings: bool, out: str,
                  shards: dict[int, tuple[int, int]], threads: int | None) -> None:
@@ -95,17 +96,20 @@ class _Labeller:
         loaded = [pickle.loads(b) if not e else None for b, e in zip(batch["image"], batch["error"])]
         good = iter(self.net.stream([x for x in loaded if x is not None], self.vocabulary, batch_size=self.batch_size,
                                     num_workers=0, keep_images=self.embeddings, **self.scoring))
-        by_shard: dict[int, tuple[list, list, LabelSummary]] = {}
-        for shard, position, key, x, error in zip(batch["shard"], batch["position"], batch["key"], loaded, batch["error"]):
-            positions, rows, counts = by_shard.setdefault(int(shard), ([], [], LabelSummary(out=None)))
+        by_shard: dict[int, tuple[list, list, LabelSummary, list]] = {}
+        for shard, position, key, x, error, decoder in zip(batch["shard"], batch["position"], batch["key"], loaded,
+                                                           batch["error"], batch["decoder"]):
+            positions, rows, counts, here = by_shard.setdefault(int(shard), ([], [], LabelSummary(out=None), []))
             p = next(good) if x is not None else Prediction(key, int(position), error=error)
             rows.append({**row_of(self.net, p, self.embeddings, LoadedImage, counts), "image": key})
             positions.append(int(position))
-        report: dict[str, list] = {"shard": [], "images": [], "failed": [], "detections": [], "failures": []}
-        for index, (positions, rows, counts) in by_shard.items():
+            here.append(int(decoder) == os.getpid())
+        report: dict[str, list] = {"shard": [], "images": [], "failed": [], "detections": [], "failures": [],
+                                   "decoded_here": []}
+        for index, (positions, rows, counts, here) in by_shard.items():
             store.write_part(self.out, Shard(index, *self.shards[index]), positions, rows, self.embeddings)
             for name, value in zip(report, (index, counts.done, counts.failed, counts.detections,
-                                            json.dumps(counts.failures))):
+                                            json.dumps(counts.failures), sum(here))):
                 report[name].append(value)
         return {name: np.array(values, dtype=object if name == "failures" else np.int64)
                 for name, values in report.items()}
@@ -136,13 +140,6 @@ def _max_side(cfg) -> int | None:
     from ..detector import RegionCLIP
 
     return RegionCLIP(config=dataclasses.replace(cfg, device="cpu", precision="fp32")).input_max_side
-
-
-def _own_stage() -> dict:
-    """Ray Data fuses a task stage into the actor stage after it when their remote arguments agree;
-    decoding would then run inside the actors, in turn with the model. A ``ray_remote_args_fn``
-    keeps them apart (Ray cannot know what it will return); it adds nothing."""
-    return {}
 
 
 def label_with_ray(
@@ -214,8 +211,11 @@ def _pipeline(ray, plan, cfg, actors, batch_size: int, scoring: dict, embeddings
     try:
         data = ray.data.from_items([{"shard": s.index, "start": s.start, "stop": s.stop} for s in plan.todo],
                                    override_num_blocks=len(plan.todo))  # a task per shard: decoding spreads out
-        data = data.map_batches(_decode_shard, batch_size=1, num_cpus=1, batch_format="numpy",
-                                ray_remote_args_fn=_own_stage,
+        # Half a CPU per decoding task: decoding a batch is short next to labelling it, so two share
+        # a core. The unequal share also keeps the stages apart: Ray Data fuses a task stage into the
+        # actor stage after it when their resources agree, and decoding would then run inside the
+        # actors, in turn with the model (``decoded_here`` counts what did; the tests check for none).
+        data = data.map_batches(_decode_shard, batch_size=1, num_cpus=0.5, batch_format="numpy",
                                 fn_kwargs=dict(items=items, max_side=max_side, batch=batch_size, cwd=os.getcwd()))
         data = data.map_batches(
             _Labeller, batch_size=batch_size * CALL_BATCHES, concurrency=count, batch_format="numpy",

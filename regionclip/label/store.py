@@ -61,14 +61,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def sources_sha256(keys: Sequence[str]) -> str:
-    """One hash of the run's image list, in order: a changed input list is a different run."""
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(k.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
-
-
 def read_manifest(out: str | os.PathLike) -> dict | None:
     path = Path(out) / MANIFEST
     if not path.is_file():
