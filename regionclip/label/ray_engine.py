@@ -63,12 +63,15 @@ def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int,
                                          error or "", os.getpid())):
                 out[name].append(value)
             if len(out["key"]) == batch:
-                yield {name: np.array(values, dtype=object if name in ("key", "image", "error") else np.int64)
-                       for name, values in out.items()}
+                yield _arrays(out, ("key", "image", "error"))
                 out = {name: [] for name in out}
         if out["key"]:
-            yield {name: np.array(values, dtype=object if name in ("key", "image", "error") else np.int64)
-                   for name, values in out.items()}
+            yield _arrays(out, ("key", "image", "error"))
+
+
+def _arrays(columns: dict[str, list], objects: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A batch as Ray Data takes it: int64 columns, and ``objects`` (str, bytes) as object arrays."""
+    return {name: np.array(values, dtype=object if name in objects else np.int64) for name, values in columns.items()}
 
 
 class _Labeller:
@@ -111,8 +114,7 @@ class _Labeller:
             for name, value in zip(report, (index, counts.done, counts.failed, counts.detections,
                                             json.dumps(counts.failures), sum(here))):
                 report[name].append(value)
-        return {name: np.array(values, dtype=object if name == "failures" else np.int64)
-                for name, values in report.items()}
+        return _arrays(report, ("failures",))
 
 
 def _ray():
