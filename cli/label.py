@@ -74,30 +74,44 @@ def label(
                 embeddings=embeddings, batch_size=batch_size, num_workers=workers, scoring=scoring)
     if engine not in ("plain", "ray"):
         raise BadInput(f"--engine {engine!r}: use plain or ray")
-    shown = _Shown(rank == 0)
+    shown = _Shown(rank == 0, _process_line(cfg.device, part, rank, world, engine))
     with shown.bar:
         if engine == "ray":
             from regionclip.label.ray_engine import label_with_ray
 
-            summary = label_with_ray(sources, vocab, cfg, out, before_run=shown.start, on_result=shown.add, **args)
+            summary = label_with_ray(sources, vocab, cfg, out, before_run=shown.start, on_progress=shown.advance, **args)
         else:
             summary = label_images(sources, vocab, lambda: O.build_model(cfg), out, before_run=shown.start,
                                    on_result=shown.add, **args)
     _report(summary, rank, world, allow_failures)
 
 
+def _process_line(device: str, part: tuple[int, int], rank: int, world: int, engine: str) -> str | None:
+    """Which process this is and the device it labels on, when the run has several (every process
+    prints its own); None alone."""
+    if (world == 1 and part[1] == 1) or engine == "ray":
+        return None
+    from regionclip.runtime import describe_device, resolve_device
+
+    who = [f"part {part[0]} of {part[1]}"] if part[1] > 1 else []
+    who += [f"rank {rank} of {world}"] if world > 1 else []
+    return f"{', '.join(who)}: labelling on {describe_device(resolve_device(device))}"
+
+
 class _Shown:
     """Rank 0's progress bar: images done, images/s, time left."""
 
-    def __init__(self, visible: bool) -> None:
+    def __init__(self, visible: bool, process: str | None = None) -> None:
         from rich.progress import TextColumn
 
         self.bar = progress(transient=True)
         self.bar.columns = (*self.bar.columns, TextColumn("{task.fields[rate]}"))
         self.bar.disable = not visible
-        self.task = None
+        self.task, self.process = None, process
 
     def start(self, summary) -> None:
+        if self.process is not None and summary.todo:
+            err_console.print(self.process, markup=False)
         for line in summary.problems:
             warn(line)
         if summary.skipped:
@@ -106,7 +120,10 @@ class _Shown:
         self.task = self.bar.add_task("labelling", total=summary.todo, rate="")
 
     def add(self, p) -> None:
-        self.bar.advance(self.task)
+        self.advance(1)
+
+    def advance(self, images: int) -> None:
+        self.bar.advance(self.task, images)
         speed = self.bar.tasks[0].speed
         self.bar.update(self.task, rate=f"{speed:.1f} img/s" if speed else "")
 

@@ -9,7 +9,7 @@ import typer
 
 from regionclip.errors import BadInput
 
-from .render import console, progress, warn
+from .render import console, err_console, progress, warn
 
 
 def train(
@@ -50,6 +50,7 @@ def train(
     check_output_dir(cfg.out_dir, "--out" if out is not None else "out_dir")
     for line in unreached_overrides(cfg.stages, set_ or []):
         warn(line)
+    _say_device(cfg.model.device)
     bar = progress()
     tasks: dict[str | None, int] = {}
 
@@ -81,3 +82,15 @@ def train(
         bar.stop()
     console.print(f"trained {result.step} steps; model and preset in {cfg.out_dir}/ "
                   f"(regionclip detect --model {cfg.out_dir} ...)")
+
+
+def _say_device(device: str) -> None:
+    """Under torchrun every rank says which device it trains on (``runtime.resolve_device``)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        from regionclip.runtime import describe_device, resolve_device
+
+        err_console.print(f"rank {os.environ.get('RANK', '0')} of {world}: training on "
+                          f"{describe_device(resolve_device(device))}", markup=False)

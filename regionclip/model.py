@@ -145,13 +145,8 @@ class RegionCLIPModel(nn.Module):
         The detector and the dense pool resize to at most their max side anyway. Crops cut from
         the decoded image, so crop mode keeps twice that for the detail of small boxes.
         """
-        if self.cfg.input_max_side is not None:
-            return self.cfg.input_max_side if self.cfg.input_max_side > 0 else None
         t = self.proposals.detector.transform
-        side = max(int(t.max_size), int(max(t.min_size)))
-        if self.cfg.mode == "pool":
-            return max(side, self.cfg.regions.pool_max_side)
-        return 2 * side
+        return input_max_side(self.cfg, (int(max(t.min_size)), int(t.max_size)))
 
     @property
     def refines_boxes(self) -> bool:
@@ -224,6 +219,23 @@ def text_cache_dir(text: TextConfig, clip_key: str) -> str | Path | None:
     if not text.disk_cache or "/random/" in clip_key:
         return None
     return text.cache_dir or user_cache_dir()
+
+
+def input_max_side(cfg: ModelConfig, detector_sides: tuple[int, int] | None = None) -> int | None:
+    """``RegionCLIPModel.input_max_side`` of a model of ``cfg`` whose detector resizes to
+    ``detector_sides`` (its transform's min and max size), before it is built: the sides come from
+    ``cfg.proposals`` when it sets both. Raises ``LookupError`` when only the built detector knows
+    them (its builder's defaults)."""
+    if cfg.input_max_side is not None:
+        return cfg.input_max_side if cfg.input_max_side > 0 else None
+    if detector_sides is None:
+        if cfg.proposals.min_size is None or cfg.proposals.max_size is None:
+            raise LookupError("the detector's sizes are its builder's defaults: build the model to know them")
+        detector_sides = (cfg.proposals.min_size, cfg.proposals.max_size)
+    side = max(int(s) for s in detector_sides)
+    if cfg.mode == "pool":
+        return max(side, cfg.regions.pool_max_side)
+    return 2 * side
 
 
 def check_distractors(spec) -> None:

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,17 @@ class Prediction:
         return self.image, Detections(d.boxes_xyxy * scale, d.scores, d.label_ids, d.vocabulary)
 
 
+class ResolvedVocabulary(NamedTuple):
+    """A call's vocabulary, embedded: ``names`` (the detections' labels), ``embeddings`` ((C + M + K,
+    D) unit rows: classes, negatives, distractors) and ``rules`` (None for plain labels).
+    ``Predictor.resolve`` makes it; ``stream`` takes it as ``labels`` and embeds nothing again,
+    so a caller that streams many calls (a Ray actor, batch after batch) pays for it once."""
+
+    names: list[str]
+    embeddings: Any
+    rules: Any = None
+
+
 @dataclass
 class _Item:
     index: int
@@ -94,10 +105,18 @@ class _Decoded(IterableDataset):
                 yield [self._decode(i, source, boxes) for i, (source, boxes) in part]
 
     def _decode(self, i: int, source, boxes) -> _Item:
-        try:
-            return _Item(i, source, load_reduced(source, self.max_side), None, boxes)
-        except BadImage as exc:
-            return _Item(i, source, None, str(exc), boxes)
+        loaded, error = decode(source, self.max_side)
+        return _Item(i, source, loaded, error, boxes)
+
+
+def decode(source, max_side: int | None) -> tuple[LoadedImage | None, str | None]:
+    """``(loaded, None)``, or ``(None, why)`` for a source that cannot be decoded: what the
+    predictor's workers do to each source (``max_side``: the backend's ``input_max_side``), for a
+    pipeline that decodes in a stage of its own and streams the ``LoadedImage`` s."""
+    try:
+        return load_reduced(source, max_side), None
+    except BadImage as exc:
+        return None, str(exc)
 
 
 # detect() and classify() of a list group this many images by aspect ratio at a time: as the whole
@@ -204,13 +223,23 @@ class Predictor:
             raise BadInput("pass a vocabulary or exemplars to compile")
         return compile_vocabulary(v, self.backend)
 
+    def resolve(self, labels=None, *, text_embeddings=None, vocab=None, exemplars=(),
+                distractors=None) -> ResolvedVocabulary:
+        """The vocabulary ``stream`` would use for these arguments (see there), embedded now, once."""
+        return ResolvedVocabulary(*self._vocab(labels, text_embeddings, vocab, exemplars, distractors))
+
     def _vocab(self, labels, text_embeddings, vocab, exemplars, distractors=None):
         """``(names, embeddings, rules)`` for one call: plain labels / stored embeddings as
         ``vocabulary``; a ``Vocabulary`` (also as ``labels``) or ``exemplars`` compiled; then the
-        distractors (``distractors``: this call's, else the vocabulary's, else the model's) appended."""
+        distractors (``distractors``: this call's, else the vocabulary's, else the model's) appended.
+        A ``ResolvedVocabulary`` as ``labels`` is used as it is."""
         from .exemplars import CompiledVocabulary
         from .vocabulary import Vocabulary
 
+        if isinstance(labels, ResolvedVocabulary):
+            if text_embeddings is not None or vocab is not None or exemplars or distractors is not None:
+                raise BadInput("a resolved vocabulary already holds its embeddings and distractors: pass it alone")
+            return tuple(labels)
         if isinstance(labels, Vocabulary):
             labels, vocab = None, labels if vocab is None else vocab
         if isinstance(vocab, CompiledVocabulary) and labels is None and not exemplars:
@@ -258,7 +287,8 @@ class Predictor:
                vocab=None, exemplars=(), distractors=None, **scoring) -> Iterator[Prediction]:
         """Yield a ``Prediction`` per source, in order, as each chunk finishes.
 
-        ``labels`` / ``text_embeddings``: the vocabulary (``vocabulary``), resolved once.
+        ``labels`` / ``text_embeddings``: the vocabulary (``vocabulary``), resolved once (or
+        already: a ``ResolvedVocabulary`` from ``resolve``).
         ``boxes``: per source, (N, 4) xyxy boxes in original pixels that replace the proposals
         (each comes back with its top-k labels, unfiltered). Unreadable sources yield a
         ``Prediction`` with ``error`` and are not fatal. Scoring keywords (``score_threshold``,

@@ -1,6 +1,7 @@
 """``regionclip label``: label an image collection in resumable Parquet shards.
 
-``sources`` (what is read), ``shards`` (how the work is cut and who does which part),
+``sources`` (what is read), ``items`` (the expanded list, on disk, read a shard at a time),
+``shards`` (how the work is cut and who does which part),
 ``store`` (the shard files and ``manifest.json``; ``records.load_results`` reads a folder back), ``run`` (the job over
 ``Predictor.stream``), ``ray_engine`` (the same job under Ray Data). pyarrow is the optional
 ``regionclip[label]`` extra: it is imported only when a shard is written or read.

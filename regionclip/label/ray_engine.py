@@ -1,46 +1,120 @@
-"""``regionclip label --engine ray``: the same job under Ray Data, on one machine or a cluster.
+"""``regionclip label --engine ray``: the same job as a Ray Data pipeline, on one machine or a cluster.
 
-The checks, the manifest and the choice of unfinished shards are ``run.prepare``'s, so the two
-engines read the same sources, write the same shard files and continue each other's runs. The
-images of the unfinished shards become a Ray dataset; ``map_batches`` runs ``_Labeller``, an
-actor per GPU (or per two CPUs) that builds the model once and streams each batch through the
-same ``Predictor.stream`` and ``run.row_of``. The driver gathers rows by shard and writes each
-shard the moment its last image arrives, as the plain engine does. Connects to the cluster of
-``RAY_ADDRESS`` (or the one ``ray.init`` already opened); else starts a local one (``start_local``).
+The checks, the manifest, the item list and the choice of unfinished shards are ``run.prepare``'s,
+so the two engines read the same sources, write the same shard files and continue each other's
+runs. The pipeline streams, in three stages:
+
+1. the unfinished shards, one row each (an index: none of its images);
+2. ``_decode_shard``, CPU tasks: a shard's items read from the folder's item list
+   (``items.ItemList``, by offset) and decoded (``predictor.decode``), yielded a batch at a time;
+3. ``_Labeller`` actors, one per GPU (or per two CPUs): each builds the model and resolves the
+   vocabulary once, labels what stage 2 decoded, writes the rows as a part of their shard
+   (``store.write_part``) and returns counts only.
+
+The driver sums the counts per shard; when a shard's images are all in, a small task merges its
+parts into the shard file (``store.merge_parts``). The driver holds neither rows nor the item
+list, and writes nothing but the manifest: its memory does not grow with the run, and the disk
+bandwidth is the workers'. Connects to the cluster of ``RAY_ADDRESS`` (or the one ``ray.init``
+already opened); else starts a local one (``start_local``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pickle
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import RegionClipError
 from . import store
+from .items import ItemList
 from .run import LabelSummary, prepare, row_of
+from .shards import Shard
+from .sources import TarMember
+
+# Images per call of a labelling actor: several of the model's batches, so that each call's part
+# file (and its write) is shared by more images; the decoded images of one call sit in memory.
+CALL_BATCHES = 4
+
+
+def _readable(item, cwd: str):
+    """``item`` as a worker opens it: relative paths are the driver's (a worker's folder differs)."""
+    if isinstance(item, TarMember):
+        return dataclasses.replace(item, tar=os.path.join(cwd, item.tar))
+    return os.path.join(cwd, item)
+
+
+def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int, cwd: str):
+    """Stage 2 (a Ray task): for each shard row, its images decoded, ``batch`` at a time."""
+    from ..predictor import decode
+
+    for index, start, stop in zip(rows["shard"], rows["start"], rows["stop"]):
+        shard = Shard(int(index), int(start), int(stop))
+        out: dict[str, list] = {"shard": [], "position": [], "key": [], "image": [], "error": [], "decoder": []}
+        for position, item in enumerate(items.iter(shard)):
+            loaded, error = decode(_readable(item, cwd), max_side)
+            for name, value in zip(out, (shard.index, position, str(item),
+                                         pickle.dumps(loaded, protocol=5) if loaded is not None else b"",
+                                         error or "", os.getpid())):
+                out[name].append(value)
+            if len(out["key"]) == batch:
+                yield _arrays(out, ("key", "image", "error"))
+                out = {name: [] for name in out}
+        if out["key"]:
+            yield _arrays(out, ("key", "image", "error"))
+
+
+def _arrays(columns: dict[str, list], objects: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A batch as Ray Data takes it: int64 columns, and ``objects`` (str, bytes) as object arrays."""
+    return {name: np.array(values, dtype=object if name in objects else np.int64) for name, values in columns.items()}
 
 
 class _Labeller:
-    """A Ray actor: one model, batches of pickled items in, pickled shard rows out."""
+    """Stage 3 (a Ray actor): one model and one resolved vocabulary for its whole life; decoded
+    images in, their rows written as parts of their shards, counts out (``decoded_here``: images
+    that were decoded in this very process, which a pipeline of separate stages never has)."""
 
-    def __init__(self, cfg, vocabulary: list[str], scoring: dict, batch_size: int, embeddings: bool) -> None:
+    def __init__(self, cfg, vocabulary, scoring: dict, batch_size: int, embeddings: bool, out: str,
+                 shards: dict[int, tuple[int, int]], threads: int | None) -> None:
+        if threads:  # Ray gives an actor the threads of the CPUs it reserved: one, here
+            import torch
+
+            torch.set_num_threads(threads)
         from ..detector import RegionCLIP
 
         self.net = RegionCLIP(config=cfg)
-        self.vocabulary, self.scoring, self.batch_size, self.embeddings = vocabulary, scoring, batch_size, embeddings
+        self.vocabulary = self.net.predictor.resolve(vocabulary)  # exemplars hashed, texts encoded: once
+        self.scoring, self.batch_size, self.embeddings = scoring, batch_size, embeddings
+        self.out, self.shards = out, shards
 
     def __call__(self, batch: dict) -> dict:
         from ..io import LoadedImage
+        from ..predictor import Prediction
 
-        items = [pickle.loads(b) for b in batch["item"]]
-        rows = []
-        for p in self.net.stream(items, self.vocabulary, batch_size=self.batch_size, num_workers=0,
-                                 keep_images=self.embeddings, **self.scoring):
-            rows.append(pickle.dumps(row_of(self.net, p, self.embeddings, LoadedImage, LabelSummary(out=None))))
-        return {"shard": batch["shard"], "position": batch["position"], "row": np.array(rows, dtype=object)}
+        loaded = [pickle.loads(b) if not e else None for b, e in zip(batch["image"], batch["error"])]
+        good = iter(self.net.stream([x for x in loaded if x is not None], self.vocabulary, batch_size=self.batch_size,
+                                    num_workers=0, keep_images=self.embeddings, **self.scoring))
+        by_shard: dict[int, tuple[list, list, LabelSummary, list]] = {}
+        for shard, position, key, x, error, decoder in zip(batch["shard"], batch["position"], batch["key"], loaded,
+                                                           batch["error"], batch["decoder"]):
+            positions, rows, counts, here = by_shard.setdefault(int(shard), ([], [], LabelSummary(out=None), []))
+            p = next(good) if x is not None else Prediction(key, int(position), error=error)
+            rows.append({**row_of(self.net, p, self.embeddings, LoadedImage, counts), "image": key})
+            positions.append(int(position))
+            here.append(int(decoder) == os.getpid())
+        report: dict[str, list] = {"shard": [], "images": [], "failed": [], "detections": [], "failures": [],
+                                   "decoded_here": []}
+        for index, (positions, rows, counts, here) in by_shard.items():
+            store.write_part(self.out, Shard(index, *self.shards[index]), positions, rows, self.embeddings)
+            for name, value in zip(report, (index, counts.done, counts.failed, counts.detections,
+                                            json.dumps(counts.failures), sum(here))):
+                report[name].append(value)
+        return _arrays(report, ("failures",))
 
 
 def _ray():
@@ -62,6 +136,14 @@ def start_local(num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _system_config=config)
 
 
+def _max_side(cfg) -> int | None:
+    """The side images are decoded at (``RegionCLIP.input_max_side``), from a model built on a CPU
+    when the config leaves the detector's sizes to its builder."""
+    from ..detector import RegionCLIP
+
+    return RegionCLIP(config=dataclasses.replace(cfg, device="cpu", precision="fp32")).input_max_side
+
+
 def label_with_ray(
     sources: Sequence[str | os.PathLike],
     labels: Sequence[str],
@@ -73,13 +155,14 @@ def label_with_ray(
     batch_size: int = 8,
     scoring: dict | None = None,
     before_run: Callable[[LabelSummary], None] | None = None,
-    on_result: Callable[[dict], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
     **job,
 ) -> LabelSummary:
     """Label ``sources`` under Ray Data; arguments as ``run.label_images`` (``job``: ``shard_size``,
     ``part``, ``rank``, ``world``, ``overwrite``, ``embeddings``), but the model comes from its
     ``ModelConfig`` ``cfg``, built once in each actor. ``actors``: how many (default: one per
-    GPU of the cluster, else one per two CPUs). ``num_workers`` is ignored: Ray decodes ahead."""
+    GPU of the cluster, else one per two CPUs). ``num_workers`` is ignored: decoding is a stage of
+    its own, on the cluster's CPUs. ``on_progress(n)``: ``n`` more images labelled."""
     ray = _ray()
     job.pop("num_workers", None)
     embeddings = bool(job.get("embeddings", False))
@@ -94,35 +177,11 @@ def label_with_ray(
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
             start_local()
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    count = actors or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // 2))
-    rows = [{"shard": s.index, "position": i - s.start, "item": pickle.dumps(plan.items[i])}
-            for s in plan.todo for i in range(s.start, s.stop)]
-    data = ray.data.from_items(rows).map_batches(
-        _Labeller, fn_constructor_kwargs=dict(cfg=cfg, vocabulary=plan.vocabulary, scoring=scoring or {},
-                                              batch_size=batch_size, embeddings=embeddings),
-        batch_size=batch_size, concurrency=count, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        batch_format="numpy")
-    shards = {s.index: s for s in plan.todo}
-    pending: dict[int, dict[int, dict]] = {}
     start = time.perf_counter()
     try:
-        for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
-            for index, position, blob in zip(batch["shard"], batch["position"], batch["row"]):
-                row = pickle.loads(blob)
-                _count(summary, row)
-                if on_result is not None:
-                    on_result(row)
-                got = pending.setdefault(int(index), {})
-                got[int(position)] = row
-                shard = shards[int(index)]
-                if len(got) == shard.size:
-                    store.write_shard(plan.out, shard, [got[k] for k in range(shard.size)], embeddings)
-                    summary.written += 1
-                    del pending[int(index)]
+        _pipeline(ray, plan, cfg, actors, batch_size, scoring or {}, embeddings, summary, on_progress)
     except KeyboardInterrupt:
-        summary.interrupted = True
+        summary.interrupted = True  # the shards merged so far are complete; the same command continues
     except Exception as exc:  # a failed actor surfaces as Ray's own error type: say what to do
         if isinstance(exc, RegionClipError):
             raise
@@ -132,11 +191,64 @@ def label_with_ray(
     return summary
 
 
-def _count(summary: LabelSummary, row: dict) -> None:
-    summary.done += 1
-    if row["error"] is not None:
-        summary.failed += 1
-        if len(summary.failures) < 50:
-            summary.failures.append((row["image"], row["error"]))
-    else:
-        summary.detections += len(row["labels"])
+def _pipeline(ray, plan, cfg, actors, batch_size: int, scoring: dict, embeddings: bool, summary: LabelSummary,
+              on_progress) -> None:
+    from ..model import input_max_side
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    count = actors or (gpus if gpus else max(1, cpus // 2))
+    out = str(plan.out.resolve())
+    items = dataclasses.replace(plan.items, path=str(Path(plan.items.path).resolve()))
+    try:
+        max_side = input_max_side(cfg)
+    except LookupError:
+        max_side = ray.get(ray.remote(num_cpus=1)(_max_side).remote(cfg))
+    shards = {s.index: s for s in plan.todo}
+    context = ray.data.DataContext.get_current()
+    # Ray Data gathers what a task yields into blocks of up to 128 MiB, so a task's output (a
+    # shard's images decoded, an actor's reports) would move on only when the task ends: one
+    # block per yield lets each batch move on as it is made.
+    saved, context.target_max_block_size = context.target_max_block_size, 1
+    try:
+        data = ray.data.from_items([{"shard": s.index, "start": s.start, "stop": s.stop} for s in plan.todo],
+                                   override_num_blocks=len(plan.todo))  # a task per shard: decoding spreads out
+        # Half a CPU per decoding task: decoding a batch is short next to labelling it, so two share
+        # a core. The unequal share also keeps the stages apart: Ray Data fuses a task stage into the
+        # actor stage after it when their resources agree, and decoding would then run inside the
+        # actors, in turn with the model (``decoded_here`` counts what did; the tests check for none).
+        data = data.map_batches(_decode_shard, batch_size=1, num_cpus=0.5, batch_format="numpy",
+                                fn_kwargs=dict(items=items, max_side=max_side, batch=batch_size, cwd=os.getcwd()))
+        data = data.map_batches(
+            _Labeller, batch_size=batch_size * CALL_BATCHES, concurrency=count, batch_format="numpy",
+            num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+            fn_constructor_kwargs=dict(cfg=cfg, vocabulary=plan.vocabulary, scoring=scoring, batch_size=batch_size,
+                                       embeddings=embeddings, out=out, threads=None if gpus else max(1, cpus // count),
+                                       shards={k: (s.start, s.stop) for k, s in shards.items()}))
+        _collect(ray, data, shards, out, embeddings, summary, on_progress)
+    finally:
+        context.target_max_block_size = saved
+
+
+def _collect(ray, data, shards: dict[int, Shard], out: str, embeddings: bool, summary: LabelSummary,
+             on_progress) -> None:
+    """The driver's part: the actors' counts summed per shard, a merge started for each shard
+    whose images are all in."""
+    merge = ray.remote(num_cpus=0)(store.merge_parts)  # file work: it takes no CPU slot from the stages
+    got: dict[int, int] = {}
+    merging: list = []
+    for report in data.iter_batches(batch_size=None, batch_format="numpy"):
+        for index, images, failed, detections, failures in zip(report["shard"], report["images"], report["failed"],
+                                                                report["detections"], report["failures"]):
+            summary.done, summary.failed = summary.done + int(images), summary.failed + int(failed)
+            summary.detections += int(detections)
+            summary.failures += [tuple(f) for f in json.loads(failures)][:max(0, 50 - len(summary.failures))]
+            if on_progress is not None:
+                on_progress(int(images))
+            got[int(index)] = got.get(int(index), 0) + int(images)
+            if got[int(index)] == shards[int(index)].size:
+                merging.append(merge.remote(out, shards[int(index)], embeddings))
+                del got[int(index)]
+        done, merging = ray.wait(merging, num_returns=len(merging), timeout=0) if merging else ([], merging)
+        summary.written += len(ray.get(done))
+    summary.written += len(ray.get(merging))

@@ -22,11 +22,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import BadImage, BadInput
 from ..outputs import check_output_dir
 from . import store
 from .shards import Shard, assigned, check_layout, layout, plan
-from .sources import expand_sources
+from .items import FILE as ITEMS
+from .items import ItemList, ShardItems, write_items
+from .sources import iter_sources
 
 # Config entries that do not change what a run computes: a run may continue on another device.
 _NOT_IDENTITY = ("device", "name")
@@ -78,10 +81,10 @@ class LabelSummary:
 
 @dataclass
 class Job:
-    """A checked run, ready to label: its folder, items, and this process's shards still to write."""
+    """A checked run, ready to label: its folder, items (on disk), and this process's shards still to write."""
 
     out: Path
-    items: list
+    items: ItemList
     todo: list[Shard]
     vocabulary: list[str] | Vocabulary  # what Predictor.stream takes: the names, or the --vocab classes
     summary: LabelSummary
@@ -100,32 +103,34 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str] | Vocabu
     vocab = spec.names if spec is not None else [str(s) for s in labels]
     if not vocab:
         raise BadInput('no labels given: pass --labels "dog,cat" or --labels-file vocab.txt (one per line)')
-    items, problems = expand_sources(sources)
-    if not items:
-        raise BadImage("no images to label: " + "; ".join(problems))
-    keys = [str(it) for it in items]
-    shards = plan(len(items), shard_size)
-    split = layout(shard_size, part, world)
-    manifest = {**identity, "layout": split, "vocabulary": vocab,
-                "vocabulary_spec": spec.to_manifest() if spec is not None else None, "embeddings": bool(embeddings), "shard_size": int(shard_size),
-                "images": len(items), "shards": len(shards), "sources_sha256": store.sources_sha256(keys),
-                "sources": [str(s) for s in sources]}
-    old = store.read_manifest(out) if not overwrite else None
-    if old is not None and (key := store.mismatch(old, manifest)) is not None:
-        raise BadInput(f"{out / store.MANIFEST} belongs to another run (its {key} differs from this command's): "
-                       "pass --overwrite to label again from the start, or choose another --out")
-    if old is not None:
-        check_layout(old.get("layout"), split, str(out / store.MANIFEST))
+    plan(0, shard_size)  # checks the size before the sources are read
+    problems: list[str] = []
+    with atomic_path(out / ITEMS) as tmp:  # renamed into place only once the checks below pass
+        items = write_items(tmp, iter_sources(sources, problems), shard_size, out / ITEMS)
+        if not items.count:
+            raise BadImage("no images to label: " + "; ".join(problems))
+        shards = plan(items.count, shard_size)
+        split = layout(shard_size, part, world)
+        manifest = {**identity, "layout": split, "vocabulary": vocab,
+                    "vocabulary_spec": spec.to_manifest() if spec is not None else None, "embeddings": bool(embeddings),
+                    "shard_size": int(shard_size), "images": items.count, "shards": len(shards),
+                    "sources_sha256": items.sha256, "sources": [str(s) for s in sources]}
+        old = store.read_manifest(out) if not overwrite else None
+        if old is not None and (key := store.mismatch(old, manifest)) is not None:
+            raise BadInput(f"{out / store.MANIFEST} belongs to another run (its {key} differs from this command's): "
+                           "pass --overwrite to label again from the start, or choose another --out")
+        if old is not None:
+            check_layout(old.get("layout"), split, str(out / store.MANIFEST))
     from .. import __version__
 
     mine = assigned(shards, part, rank, world)
-    summary = LabelSummary(out=out, images=len(items), shards=len(shards), assigned=len(mine), problems=problems)
+    summary = LabelSummary(out=out, images=items.count, shards=len(shards), assigned=len(mine), problems=problems)
     if overwrite:
         _clear(out, mine, len(shards) if (part[0], rank) == (0, 0) else None)
     store.write_manifest(out, {**manifest, "regionclip": __version__})
     todo = []
     for s in mine:
-        failed = None if overwrite else store.finished_shard(out, s, keys[s.start:s.stop])
+        failed = None if overwrite else store.finished_shard(out, s, items.keys(s))
         if failed is None:
             todo.append(s)
         else:
@@ -135,6 +140,7 @@ def prepare(sources: Sequence[str | os.PathLike], labels: Sequence[str] | Vocabu
     for s in todo:  # what a killed write left (atomic_path cleans up after anything but SIGKILL)
         for tmp in out.glob(f".{s.name}.*.tmp"):
             tmp.unlink(missing_ok=True)
+        store.clear_parts(out, s)
     return Job(out, items, todo, spec if spec is not None else vocab, summary)
 
 
@@ -203,7 +209,7 @@ def _run(net, job: Job, embeddings: bool, batch_size: int, num_workers: int, sco
     from ..io import LoadedImage
 
     todo, vocab, out, summary = job.todo, job.vocabulary, job.out, job.summary
-    wanted = [job.items[i] for s in todo for i in range(s.start, s.stop)]
+    wanted = ShardItems(job.items, todo)  # read from the folder's item list as the decoders go
     workers = num_workers if len(wanted) > batch_size else 0  # one chunk: nothing to decode ahead of
     shard_iter = iter(todo)
     shard, rows = next(shard_iter), []

@@ -11,13 +11,14 @@ exist is refused before anything runs.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..errors import BadImage, BadInput
 from ..io import IMAGE_EXTENSIONS, expand_inputs
@@ -80,14 +81,17 @@ def tar_members(path: str | os.PathLike) -> list[TarMember]:
     return sorted(found, key=lambda m: m.name)
 
 
-def _listed(path: Path) -> list[str]:
-    """A text file of image paths, one per line (relative ones are relative to the file's folder)."""
+def _listed(path: Path) -> Iterator[str]:
+    """A text file of image paths, one per line (relative ones are relative to the file's folder),
+    read as it is consumed."""
     try:
-        lines = path.read_text().splitlines()
+        with open(path) as f:
+            for line in f:
+                s = line.strip()
+                if s and not s.startswith("#"):
+                    yield str(path.parent / s) if not os.path.isabs(s) else s
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"{path}: not a readable list of image paths ({type(exc).__name__})") from None
-    return [str(path.parent / s) if not os.path.isabs(s) else s
-            for s in (line.strip() for line in lines) if s and not s.startswith("#")]
 
 
 def _coco_images(path: Path) -> list[str]:
@@ -101,44 +105,61 @@ def _coco_images(path: Path) -> list[str]:
 
 
 def expand_sources(specs: Sequence[str | os.PathLike]) -> tuple[list, list[str]]:
-    """``(items, problems)``: every image of ``specs`` in order, duplicates dropped.
+    """``(items, problems)``: every image of ``specs`` in order, duplicates dropped (``iter_sources``
+    as a list)."""
+    problems: list[str] = []
+    items = list(iter_sources(specs, problems))
+    return items, problems
+
+
+def iter_sources(specs: Sequence[str | os.PathLike], problems: list[str]) -> Iterator:
+    """Every image of ``specs`` in order, duplicates dropped, expanded as it is consumed: a text
+    list is read line by line, so the caller decides what to keep of it.
 
     A spec is an image file, a folder (its images, sorted), a glob, a ``.txt`` list of paths,
     a COCO ``.json`` (its ``images``), or a tar shard (``.tar``, ``.tar.gz``; globs of them too,
-    e.g. ``shards/*.tar``). ``problems``: one line per pattern or folder that matched nothing.
-    A file given twice (relative and absolute, through a symlink) is kept once, as first spelled.
-    Raises ``BadInput`` naming every spec that does not exist (paths listed in a text or COCO
-    file are kept even when missing: the run records them as failures).
+    e.g. ``shards/*.tar``). ``problems`` receives one line per pattern or folder that matched
+    nothing, as the iteration meets it. A file given twice (relative and absolute, through a
+    symlink) is kept once, as first spelled: what is remembered of each image to notice that is
+    16 bytes of a hash of its real path. Raises ``BadInput`` at once naming every spec that does not
+    exist (paths listed in a text or COCO file are kept even when missing: the run records them
+    as failures).
     """
-    items: list = []
-    problems: list[str] = []
-    missing: list[str] = []
+    specs = [str(spec) for spec in specs]
+    missing = [spec for spec in specs if not Path(spec).exists() and not glob.has_magic(spec)]
+    if missing:
+        raise BadInput(_missing_message(missing))
+    return _unique(_each(specs, problems))
+
+
+def _each(specs: list[str], problems: list[str]) -> Iterator:
     for spec in specs:
-        spec = str(spec)
         p = Path(spec)
         if p.is_file() and spec.endswith(TAR_SUFFIXES):
-            items += tar_members(p)
+            yield from tar_members(p)
         elif p.is_file() and p.suffix.lower() == ".txt":
-            items += _listed(p)
+            yield from _listed(p)
         elif p.is_file() and p.suffix.lower() == ".json":
-            items += _coco_images(p)
-        elif not p.exists() and glob.has_magic(spec) and spec.endswith(TAR_SUFFIXES):
+            yield from _coco_images(p)
+        elif not p.exists() and spec.endswith(TAR_SUFFIXES):  # a glob of tar shards
             tars = sorted(glob.glob(spec))
             if not tars:
                 problems.append(f"{spec}: pattern matched no tar shards")
             for t in tars:
-                items += tar_members(t)
-        elif not p.exists() and not glob.has_magic(spec):
-            missing.append(spec)
+                yield from tar_members(t)
         else:
             paths, missed = expand_inputs([spec])
-            items += [str(q) for q in paths]
             problems += missed
-    if missing:
-        raise BadInput(_missing_message(missing))
-    seen: set[str] = set()
-    unique = [it for it in items if not (_same_file_key(it) in seen or seen.add(_same_file_key(it)))]
-    return unique, problems
+            yield from (str(q) for q in paths)
+
+
+def _unique(items: Iterator) -> Iterator:
+    seen: set[bytes] = set()
+    for it in items:
+        key = hashlib.blake2b(_same_file_key(it).encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            yield it
 
 
 def _same_file_key(item) -> str:

@@ -16,6 +16,7 @@ exists is complete, unless someone cut it by hand, which ``finished_shard`` noti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,14 +65,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def sources_sha256(keys: Sequence[str]) -> str:
-    """One hash of the run's image list, in order: a changed input list is a different run."""
-    h = hashlib.sha256()
-    for k in keys:
-        h.update(k.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
-
-
 def read_manifest(out: str | os.PathLike) -> dict | None:
     path = Path(out) / MANIFEST
     if not path.is_file():
@@ -107,11 +100,8 @@ def _schema(embeddings: bool):
     return pa.schema(fields)
 
 
-def write_shard(out: str | os.PathLike, shard: Shard, rows: list[dict], embeddings: bool) -> Path:
-    """Write ``rows`` (dicts of the columns above, numpy arrays allowed) as ``shard``'s file."""
-    pa, pq = _pyarrow()
-    if len(rows) != shard.size:
-        raise ValueError(f"{shard.name}: {len(rows)} rows for a shard of {shard.size}")
+def _table(rows: list[dict], embeddings: bool):
+    pa, _ = _pyarrow()
     schema = _schema(embeddings)
     columns = {name: [] for name in schema.names}
     for r in rows:
@@ -121,11 +111,71 @@ def write_shard(out: str | os.PathLike, shard: Shard, rows: list[dict], embeddin
     if embeddings:
         columns["embeddings"] = [None if e is None else [np.asarray(x, np.float16) for x in e]
                                  for e in columns["embeddings"]]
-    table = pa.table(columns, schema=schema)
-    path = Path(out) / shard.name
+    return pa.table(columns, schema=schema)
+
+
+def write_shard(out: str | os.PathLike, shard: Shard, rows: list[dict], embeddings: bool) -> Path:
+    """Write ``rows`` (dicts of the columns above, numpy arrays allowed) as ``shard``'s file."""
+    if len(rows) != shard.size:
+        raise ValueError(f"{shard.name}: {len(rows)} rows for a shard of {shard.size}")
+    return _write(Path(out) / shard.name, _table(rows, embeddings))
+
+
+def _write(path: Path, table) -> Path:
+    _, pq = _pyarrow()
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+# Where workers that label parts of a shard (the Ray engine's actors) leave them until the shard
+# is complete: out/.parts/shard-00003/p000120.parquet holds rows from position 120 of shard 3.
+PARTS = ".parts"
+
+
+def parts_dir(out: str | os.PathLike, shard: Shard) -> Path:
+    return Path(out) / PARTS / Path(shard.name).stem
+
+
+def write_part(out: str | os.PathLike, shard: Shard, positions: Sequence[int], rows: list[dict],
+               embeddings: bool) -> Path:
+    """Write ``rows``, the images at ``positions`` of ``shard``, as one part of it (atomically,
+    under ``parts_dir``; ``merge_parts`` makes the shard file of them)."""
+    pa, _ = _pyarrow()
+    table = _table(rows, embeddings).append_column("position", pa.array(positions, pa.int32()))
+    return _write(parts_dir(out, shard) / f"p{min(positions):06d}.parquet", table)
+
+
+def merge_parts(out: str | os.PathLike, shard: Shard, embeddings: bool) -> Path:
+    """The parts of ``shard`` as its file, in position order; the parts are removed after.
+
+    Raises ``RegionClipError`` when they do not hold every position of the shard (a part
+    written twice, by a retried task, counts once)."""
+    pa, pq = _pyarrow()
+    folder = parts_dir(out, shard)
+    files = sorted(folder.glob("p*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    positions = table.column("position").to_numpy() if table is not None else np.zeros(0, np.int32)
+    found, first = np.unique(positions, return_index=True)
+    if not np.array_equal(found, np.arange(shard.size)):
+        raise RegionClipError(f"{folder}: the parts hold {len(found)} of the shard's {shard.size} images; "
+                              "run the same command again to label it anew")
+    table = table.take(pa.array(first)).drop_columns(["position"]).cast(_schema(embeddings)).combine_chunks()
+    path = _write(Path(out) / shard.name, table)
+    clear_parts(out, shard)
+    return path
+
+
+def clear_parts(out: str | os.PathLike, shard: Shard) -> None:
+    """Remove ``shard``'s parts (what a killed Ray run left, or what a merge used)."""
+    folder = parts_dir(out, shard)
+    if not folder.is_dir():
+        return
+    for f in folder.iterdir():
+        f.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+        folder.parent.rmdir()  # the last shard's parts gone: no empty .parts left in the folder
 
 
 def finished_shard(out: str | os.PathLike, shard: Shard, keys: Sequence[str]) -> int | None:

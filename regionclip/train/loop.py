@@ -348,13 +348,11 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
 
 def _dist_init(device_spec: str) -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_spec)  # cuda:{LOCAL_RANK} under torchrun, made the current device
     if world > 1 and not dist.is_initialized():
-        cuda = resolve_device(device_spec).type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if world > 1 and resolve_device(device_spec).type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)  # NCCL's own buffers and any bare "cuda" go to this rank's GPU
-        device_spec = f"cuda:{local}"
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and device.type == "cuda":
+        device_spec = str(device)
     return (dist.get_rank() if world > 1 else 0), world, device_spec
 
 
