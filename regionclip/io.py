@@ -143,6 +143,20 @@ def header_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def image_size(source) -> tuple[int, int]:
+    """The (h, w) a path or archive member (``open_image``) decodes to, EXIF rotation included,
+    from its header: no pixel is decoded. ``BadImage`` when it does not open as an image."""
+    try:
+        img = source.open_image() if hasattr(source, "open_image") else _open(Path(source))
+        with img:
+            w, h = img.size
+            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations that swap the axes
+                h, w = w, h
+    except _DECODE_ERRORS as exc:
+        raise BadImage(f"{source}: not a readable image ({type(exc).__name__})") from None
+    return int(h), int(w)
+
+
 def _decode(path: Path, max_side: int | None, opened: Image.Image | None = None) -> LoadedImage:
     """Decode ``path`` (or ``opened``, an image ``path`` names); with ``max_side``, JPEGs decode at the
     smallest 1/2^k scale still at least that large (Pillow's draft mode), so a 100-megapixel photo
