@@ -26,11 +26,13 @@ from .run import LabelSummary, prepare, row_of
 class _Labeller:
     """A Ray actor: one model, batches of pickled items in, pickled shard rows out."""
 
-    def __init__(self, cfg, vocabulary: list[str], scoring: dict, batch_size: int, embeddings: bool) -> None:
+    def __init__(self, cfg, vocabulary: list[str], scoring: dict, batch_size: int, embeddings: bool,
+                 tiling: dict | None = None) -> None:
         from ..detector import RegionCLIP
 
         self.net = RegionCLIP(config=cfg)
         self.vocabulary, self.scoring, self.batch_size, self.embeddings = vocabulary, scoring, batch_size, embeddings
+        self.tiling = tiling or {}
 
     def __call__(self, batch: dict) -> dict:
         from ..io import LoadedImage
@@ -38,7 +40,7 @@ class _Labeller:
         items = [pickle.loads(b) for b in batch["item"]]
         rows = []
         for p in self.net.stream(items, self.vocabulary, batch_size=self.batch_size, num_workers=0,
-                                 keep_images=self.embeddings, **self.scoring):
+                                 keep_images=self.embeddings, **self.tiling, **self.scoring):
             rows.append(pickle.dumps(row_of(self.net, p, self.embeddings, LoadedImage, LabelSummary(out=None))))
         return {"shard": batch["shard"], "position": batch["position"], "row": np.array(rows, dtype=object)}
 
@@ -72,6 +74,7 @@ def label_with_ray(
     actors: int | None = None,
     batch_size: int = 8,
     scoring: dict | None = None,
+    tiling: dict | None = None,
     before_run: Callable[[LabelSummary], None] | None = None,
     on_result: Callable[[dict], None] | None = None,
     **job,
@@ -101,7 +104,7 @@ def label_with_ray(
             for s in plan.todo for i in range(s.start, s.stop)]
     data = ray.data.from_items(rows).map_batches(
         _Labeller, fn_constructor_kwargs=dict(cfg=cfg, vocabulary=plan.vocabulary, scoring=scoring or {},
-                                              batch_size=batch_size, embeddings=embeddings),
+                                              batch_size=batch_size, embeddings=embeddings, tiling=tiling),
         batch_size=batch_size, concurrency=count, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         batch_format="numpy")
     shards = {s.index: s for s in plan.todo}
