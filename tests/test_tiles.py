@@ -177,6 +177,7 @@ def test_detect_with_tiles_through_the_predictor(models):
     (["detect", "IMG", "--tile-overlap", "0.3"], "--tile-overlap needs --tile"),
     (["eval", "--annotations", "GT", "--images", "DIR", "--tile", "320", "--tile-overlap", "0.9"], "--tile-overlap must be"),
     (["label", "IMG", "--out", "OUT", "--tile", "32"], "--tile must be at least 64"),
+    (["label", "IMG", "--out", "OUT", "--tile", "320", "--embeddings"], "--embeddings embeds each box"),
 ])
 def test_bad_tile_flags_are_one_line_before_the_model_loads(argv, expect, tmp_path, capsys, monkeypatch):
     import regionclip_cli.options as O
