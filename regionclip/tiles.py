@@ -245,33 +245,48 @@ def merge(dets: Detections, cut: torch.Tensor, cfg: ScoringConfig) -> Detections
     Greedy, best score first: a box absorbs the later boxes of its label (of any label under
     ``cfg.agnostic_nms``) that overlap it at the NMS IoU (``nms_iou``, ``agnostic_nms_iou``) or,
     where either is a ``cut`` piece, lie mostly inside one another (``FUSE_IOS``). Absorbing a
-    cut piece (or being one) grows the box to their union. Then the best ``cfg.max_detections``."""
+    cut piece (or being one) grows the box to their union. The best ``cfg.max_detections`` are kept.
+
+    Each box is compared with the kept boxes only (at most ``max_detections``), so thousands of
+    windows' boxes at score threshold 0 cost N x K comparisons, not N x N; once the kept boxes
+    are all there, the rest only grow or vanish and are compared in blocks."""
     if not len(dets):
         return dets
-    thr = cfg.agnostic_nms_iou if cfg.agnostic_nms else cfg.nms_iou
     order = torch.argsort(dets.scores, descending=True, stable=True)
     boxes, scores, labels, cut = dets.boxes_xyxy[order].float(), dets.scores[order], dets.label_ids[order], cut[order]
-    out = boxes.clone()
-    alive = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-    groups = [torch.arange(len(boxes), device=boxes.device)] if cfg.agnostic_nms else \
-        [torch.nonzero(labels == v).flatten() for v in labels.unique()]
-    for idx in groups:
-        b, c = boxes[idx], cut[idx]
-        iou = box_iou(b, b)
-        inter = iou * (box_area(b)[:, None] + box_area(b)[None]) / (1 + iou)
-        ios = inter / torch.minimum(box_area(b)[:, None], box_area(b)[None]).clamp(min=1e-6)
-        live = torch.ones(len(idx), dtype=torch.bool, device=boxes.device)
-        for i in range(len(idx)):
-            if not live[i]:
-                continue
-            live[i] = False
-            take = live & ((iou[i] >= thr) | ((ios[i] >= FUSE_IOS) & (c | c[i])))
-            grow = take & (c | c[i])
-            if bool(grow.any()):
-                j = idx[grow]
-                out[idx[i], :2] = torch.minimum(out[idx[i], :2], boxes[j, :2].min(dim=0).values)
-                out[idx[i], 2:] = torch.maximum(out[idx[i], 2:], boxes[j, 2:].max(dim=0).values)
-            live &= ~take
-            alive[idx[take]] = False
-    keep = torch.nonzero(alive).flatten()[: cfg.max_detections]  # already in score order
-    return Detections(out[keep], scores[keep], labels[keep], dets.vocabulary)
+    kept: list[int] = []
+    grown = boxes.new_zeros((0, 4))
+    i, n = 0, len(boxes)
+    while i < n and len(kept) < cfg.max_detections:  # one at a time: a box not absorbed is kept
+        taken = _absorbs(boxes[kept], labels[kept], cut[kept], boxes[i:i + 1], labels[i:i + 1], cut[i:i + 1], cfg)[:, 0]
+        if bool(taken.any()):
+            k = int(torch.nonzero(taken)[0])
+            if bool(cut[i] | cut[kept[k]]):
+                grown[k] = torch.cat([torch.minimum(grown[k, :2], boxes[i, :2]), torch.maximum(grown[k, 2:], boxes[i, 2:])])
+        else:
+            kept.append(i)
+            grown = torch.cat([grown, boxes[i:i + 1]])
+        i += 1
+    idx = torch.tensor(kept, dtype=torch.long, device=boxes.device)
+    for s in range(i, n, 4096):  # the rest: absorbed by the first kept box that takes them, or gone
+        part = slice(s, min(s + 4096, n))
+        taken = _absorbs(boxes[idx], labels[idx], cut[idx], boxes[part], labels[part], cut[part], cfg)
+        first = taken.to(torch.uint8).argmax(dim=0)
+        grow = taken.any(dim=0) & (cut[part] | cut[idx][first])
+        if bool(grow.any()):
+            to = first[grow][:, None].expand(-1, 2)
+            grown[:, :2].scatter_reduce_(0, to, boxes[part][grow, :2], "amin")
+            grown[:, 2:].scatter_reduce_(0, to, boxes[part][grow, 2:], "amax")
+    return Detections(grown, scores[idx], labels[idx], dets.vocabulary)
+
+
+def _absorbs(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, kept_cut: torch.Tensor, boxes: torch.Tensor,
+             labels: torch.Tensor, cut: torch.Tensor, cfg: ScoringConfig) -> torch.Tensor:
+    """(K, M) bool: kept box k absorbs box m (``merge``'s rule)."""
+    iou = box_iou(kept_boxes, boxes)
+    a, b = box_area(kept_boxes)[:, None], box_area(boxes)[None]
+    inter = iou * (a + b) / (1 + iou)
+    ios = inter / torch.minimum(a, b).clamp(min=1e-6)
+    thr = cfg.agnostic_nms_iou if cfg.agnostic_nms else cfg.nms_iou
+    take = (iou >= thr) | ((ios >= FUSE_IOS) & (kept_cut[:, None] | cut[None]))
+    return take if cfg.agnostic_nms else take & (kept_labels[:, None] == labels[None])

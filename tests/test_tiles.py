@@ -112,6 +112,9 @@ def test_merge_drops_a_cut_piece_a_neighbour_sees_whole_and_fuses_two_halves():
     per_label = merge(Detections(boxes[:2], scores[:2], torch.tensor([0, 1]), ("x", "y")), cut[:2],
                       ScoringConfig(agnostic_nms=False, nms_iou=0.5, max_detections=1))
     assert len(per_label) == 1 and per_label.label_ids.tolist() == [1]  # other labels kept apart; max_detections
+    one = merge(Detections(boxes[2:4], scores[2:4], torch.zeros(2, dtype=torch.int64), ("x",)), cut[2:4],
+                ScoringConfig(agnostic_nms=False, nms_iou=0.5, max_detections=1))
+    assert one.boxes_xyxy.tolist() == [[300, 100, 380, 130]]  # past max_detections a cut piece still grows its box
 
 
 def _rss_mb(key: str) -> float:
