@@ -26,7 +26,10 @@ CHILD = r"""
 import json, resource, sys, time
 tree, image, tile = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None
 sys.path[:0] = [tree, tree + "/tests"]
-from conftest import tiny_model
+from conftest import TINY_CONFIGS, tiny_model
+from regionclip.weights import register_clip_config
+for name, cfg in TINY_CONFIGS.items():  # pytest registers them in pytest_configure; a plain process must itself
+    register_clip_config(name, cfg)
 model = tiny_model("vit", "crop")
 start = time.perf_counter()
 dets = model.detect(image, ["red circle", "green square"], score_threshold=0.0, **({"tile": tile} if tile else {}))

@@ -12,19 +12,17 @@ recall at IoU 0.5 and the two-box rate). It prints, as JSON lines:
   cuts their box), the share on which two or more detections lie (each mostly inside the object:
   intersection >= half the detection's area); the same objects without tiles for reference;
 - ``seconds_per_image`` of plain ``detect`` with and without tiles over ``--time-images``
-  images, alternating image by image in this one process, and their ratio;
-- with ``--big``: the peak RSS of a fresh process that detects with tiles in a 10000 x 10000
-  (100 MP) JPEG, and without tiles for reference.
+  images, alternating image by image in this one process, and their ratio.
 
-    python benchmarks/bench_tiles.py --images 50 --seed 2 --tile 320
+Peak memory on a 100-megapixel JPEG: ``bench_large_image.py --tile 320``.
+
+    python benchmarks/bench_tiles.py --images 50 --seed 2 --tile 320 --time-images 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,36 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.ops import box_iou
-
-ROOT = Path(__file__).resolve().parent.parent
-
-BIG = r"""
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[1])
-from regionclip import RegionCLIP
-image, tile = sys.argv[2], (int(sys.argv[3]) or None)
-model = RegionCLIP.from_pretrained("demo")
-start = time.perf_counter()
-dets = model.detect(image, list(model.cfg.labels), tile=tile)
-print(json.dumps({"tile": tile, "detect_s": round(time.perf_counter() - start, 1), "boxes": len(dets),
-                  "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
-"""
-
-
-def big_jpeg(path: Path, side: int = 10000) -> Path:
-    """A ``side`` x ``side`` JPEG: a grey field with 30 px shapes on a grid and two large ones."""
-    import cv2
-
-    img = np.full((side, side, 3), (110, 120, 100), np.uint8)
-    colours = [(220, 35, 35), (35, 170, 50), (35, 70, 220), (240, 215, 35)]
-    for k, y in enumerate(range(300, side, 700)):
-        for j, x in enumerate(range(300, side, 700)):
-            cv2.circle(img, (x, y), 15, colours[(j + k) % 4], -1, cv2.LINE_AA)
-    cv2.circle(img, (side // 4, side // 4), side // 10, colours[0], -1)
-    cv2.rectangle(img, (side // 2, side // 2), (side // 2 + side // 6, side // 2 + side // 6), colours[2], -1)
-    cv2.imwrite(str(path), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return path
-
 
 def straddles(gt: torch.Tensor, windows: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """(G,) bool: some window's inner edge (inside the image) runs through the box's interior."""
@@ -88,9 +56,10 @@ def lying_on(dets: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return (inter / area[:, None] >= 0.5).sum(dim=0)
 
 
-def evaluate(predictor, coco, paths, ids, tile, labels, batch_size) -> dict:
+def evaluate(predictor, coco, paths, ids, tile, labels, batch_size, grid) -> dict:
+    """One pass (``tile`` None: whole images) with eval's and detect's selections; ``grid``: the
+    ``Tiling`` whose borders define the straddling objects, the same for both passes."""
     from regionclip.evaluate import coco_map
-    from regionclip.tiles import Tiling
 
     eval_run = {"labels": labels, "top_k": 3, "score_threshold": 0.0, "agnostic_nms": False, "max_detections": 100}
     detect_run = {"labels": labels, "max_detections": 100}
@@ -112,7 +81,7 @@ def evaluate(predictor, coco, paths, ids, tile, labels, batch_size) -> dict:
         found += int(((iou >= 0.5) & same).any(dim=1).sum())
         objects += len(gt)
         h, w = p.original_size
-        windows = Tiling(tile or STRADDLE_TILE, STRADDLE_OVERLAP).windows(h, w)
+        windows = grid.windows(h, w)
         across = straddles(gt, windows, (h, w))
         cut_objects += int(across.sum())
         cut_two += int((lying_on(de.boxes_xyxy.float(), gt)[across] >= 2).sum())
@@ -123,9 +92,6 @@ def evaluate(predictor, coco, paths, ids, tile, labels, batch_size) -> dict:
             "two_boxes_count": cut_two, "pass_s": round(seconds, 1)}
 
 
-STRADDLE_TILE, STRADDLE_OVERLAP = 320, 0.2  # the grid whose borders count, also for the untiled run
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="a make-shapes folder (default: write one to a temporary folder)")
@@ -134,14 +100,11 @@ def main(argv=None) -> None:
     p.add_argument("--tile", type=int, default=320)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--time-images", type=int, default=5, help="images timed with plain detect, each way")
-    p.add_argument("--big", action="store_true", help="also the peak RSS of a 100 MP JPEG, with and without tiles")
     a = p.parse_args(argv)
-    global STRADDLE_TILE
-    STRADDLE_TILE = a.tile
-    torch.set_num_threads(torch.get_num_threads())
     from regionclip import RegionCLIP
     from regionclip.data import make_shapes
     from regionclip.evaluate import first_images, load_ground_truth
+    from regionclip.tiles import Tiling
 
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
@@ -157,7 +120,8 @@ def main(argv=None) -> None:
         print(json.dumps({"data": str(a.data or f"make_shapes seed {a.seed}"), "images": len(ids),
                           "threads": torch.get_num_threads()}), flush=True)
         for tile in (None, a.tile):
-            print(json.dumps(evaluate(model.predictor, coco, paths, ids, tile, labels, a.batch_size)), flush=True)
+            print(json.dumps(evaluate(model.predictor, coco, paths, ids, tile, labels, a.batch_size, Tiling(a.tile))),
+                  flush=True)
         times = {None: 0.0, a.tile: 0.0}
         for path in paths[: a.time_images]:
             for tile in times:  # alternating, so load on the machine hits both alike
@@ -167,13 +131,6 @@ def main(argv=None) -> None:
         n = max(1, min(a.time_images, len(paths)))
         print(json.dumps({"seconds_per_image": {"no_tiles": round(times[None] / n, 2), f"tile_{a.tile}": round(times[a.tile] / n, 2)},
                           "ratio": round(times[a.tile] / max(times[None], 1e-9), 1), "images": n}), flush=True)
-        if a.big:
-            image = big_jpeg(Path(tmp) / "big.jpg")
-            for tile in (0, a.tile):
-                out = subprocess.run([sys.executable, "-c", BIG, str(ROOT), str(image), str(tile)],
-                                     capture_output=True, text=True)
-                print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"failed:\n{out.stderr[-2000:]}",
-                      flush=True)
 
 
 if __name__ == "__main__":
