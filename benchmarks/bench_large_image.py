@@ -7,6 +7,10 @@ checkouts in one call gives a before/after ratio from one run:
 
     git worktree add /tmp/before 439e311
     python benchmarks/bench_large_image.py --tree /tmp/before --tree .
+
+``--tile 320`` runs each checkout a second time with tiled detection (``detect(..., tile=320)``:
+the JPEG decoded whole, about 1600 windows streamed eight at a time); its peak RSS is what
+tiling costs in memory on a 100-megapixel photo.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-tree, image = sys.argv[1], sys.argv[2]
+tree, image, tile = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None
 sys.path[:0] = [tree, tree + "/tests"]
-from conftest import tiny_model
+from conftest import TINY_CONFIGS, tiny_model
+from regionclip.weights import register_clip_config
+for name, cfg in TINY_CONFIGS.items():  # pytest registers them in pytest_configure; a plain process must itself
+    register_clip_config(name, cfg)
 model = tiny_model("vit", "crop")
 start = time.perf_counter()
-dets = model.detect(image, ["red circle", "green square"], score_threshold=0.0)
-print(json.dumps({"tree": tree, "detect_s": round(time.perf_counter() - start, 2),
+dets = model.detect(image, ["red circle", "green square"], score_threshold=0.0, **({"tile": tile} if tile else {}))
+print(json.dumps({"tree": tree, "tile": tile, "detect_s": round(time.perf_counter() - start, 2),
                   "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                   "boxes": len(dets)}))
 """
@@ -47,13 +54,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image", type=Path, help="a large JPEG (default: write a 12000x9000 one)")
     p.add_argument("--tree", action="append", help="a regionclip checkout (repeatable; default: this one)")
+    p.add_argument("--tile", type=int, default=0, help="also detect with this tile size (0: only without tiles)")
     a = p.parse_args(argv)
     trees = [str(Path(t).resolve()) for t in (a.tree or [Path(__file__).resolve().parent.parent])]
     with tempfile.TemporaryDirectory() as tmp:
         image = a.image or write_image(Path(tmp) / "big.jpg")
         for tree in trees:
-            out = subprocess.run([sys.executable, "-c", CHILD, tree, str(image)], capture_output=True, text=True)
-            print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"{tree}: failed\n{out.stderr[-2000:]}")
+            for tile in sorted({0, a.tile}):
+                out = subprocess.run([sys.executable, "-c", CHILD, tree, str(image), str(tile)], capture_output=True,
+                                     text=True)
+                print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"{tree}: failed\n{out.stderr[-2000:]}",
+                      flush=True)
 
 
 if __name__ == "__main__":

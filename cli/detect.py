@@ -56,6 +56,8 @@ def detect(
     vocab_file: O.VocabFile = None,
     exemplar: O.Exemplar = None,
     distractors: O.Distractors = None,
+    tile: O.Tile = None,
+    tile_overlap: O.TileOverlap = None,
     flags: O.ModelFlags = None,
 ) -> None:
     """Detect objects named by --labels in images; print a table, optionally write JSON and annotated images.
@@ -70,6 +72,7 @@ def detect(
                                     top_k=top_k, agnostic_nms=agnostic_nms)
     O.check_positive("--batch-size", batch_size)
     O.check_distractors(distractors)
+    tiling = O.check_tile(tile, tile_overlap)
     vocab = read_labels(labels, labels_file)
     classes = O.resolve_vocab(vocab, vocab_file, exemplar)  # None: plain labels
     export_dir = _onnx_export(flags)
@@ -94,7 +97,7 @@ def detect(
         summary = detect_files(inputs, vocab, build, annotations=annotations, json_out=json_out, save_dir=save_dir,
                                text_embeddings=text_embeddings, batch_size=batch_size, num_workers=workers,
                                scoring=scoring, before_run=before_run, on_result=shown.add, vocab=classes,
-                               distractors=distractors)
+                               distractors=distractors, tiling=tiling)
     console.print(shown.detections)
     console.print(shown.images)
     console.print(f"{len(summary.records)} detections in {summary.done} image(s)")

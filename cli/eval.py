@@ -101,6 +101,8 @@ def eval_(
     short_list_size: Annotated[int, typer.Option(help="Names per short list.")] = 3,
     short_list_seed: Annotated[int, typer.Option(help="Seed of the short lists' draw.")] = 0,
     distractors: O.Distractors = None,
+    tile: O.Tile = None,
+    tile_overlap: O.TileOverlap = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.", show_default=False)] = None,
     results_out: Annotated[Optional[Path], typer.Option(help="Write the COCO results JSON here.", show_default=False)] = None,
     flags: O.ModelFlags = None,
@@ -116,6 +118,7 @@ def eval_(
     if short_lists < 0:
         raise BadInput(f"--short-lists must be 0 (off) or more, but got {short_lists}")
     O.check_distractors(distractors)
+    tiling = O.check_tile(tile, tile_overlap)
     classes = O.resolve_vocab(_vocabulary(vocabulary), vocab_file, exemplar)
     with progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -124,7 +127,8 @@ def eval_(
                           text_embeddings=text_embeddings, report_out=json_out, results_out=results_out,
                           progress=lambda n: bar.advance(task, n), total=lambda n: bar.update(task, total=n),
                           vocab=classes, distractors=distractors,
-                          short_lists=(short_lists, short_list_size, short_list_seed) if short_lists else None)
+                          short_lists=(short_lists, short_list_size, short_list_seed) if short_lists else None,
+                          tiling=tiling)
     render(report)
     if json_out is not None:
         console.print(f"wrote {json_out}")

@@ -42,6 +42,8 @@ def label(
     nms_iou: O.NmsIou = None,
     top_k: O.TopK = None,
     agnostic_nms: O.AgnosticNms = None,
+    tile: O.Tile = None,
+    tile_overlap: O.TileOverlap = None,
     batch_size: O.BatchSize = 8,
     workers: Annotated[int, typer.Option(help="Processes decoding images ahead of the model.")] = 2,
     flags: O.ModelFlags = None,
@@ -59,6 +61,10 @@ def label(
                                     nms_iou=nms_iou, top_k=top_k, agnostic_nms=agnostic_nms)
     O.check_positive("--batch-size", batch_size)
     O.check_positive("--shard-size", shard_size)
+    tiling = O.check_tile(tile, tile_overlap)
+    if tiling and embeddings:
+        raise BadInput("--embeddings embeds each box in the whole image reduced to the model's input, which "
+                       "loses the small objects --tile finds: leave out one of them")
     part, (rank, world) = parse_part(shard), env_rank()
     vocab = read_labels(labels, labels_file)
     classes = O.resolve_vocab(vocab, vocab_file, exemplar)  # None: plain labels
@@ -70,8 +76,10 @@ def label(
         vocab = Vocabulary.from_labels(vocab).with_distractors(distractors) if not isinstance(vocab, Vocabulary) \
             else vocab.with_distractors(distractors)
     identity = {"model": model_identity(cfg, flags.model), "scoring": scoring_identity(cfg, scoring)}
+    if tiling:  # it changes the boxes: a run resumed without it (or with another size) is another run
+        identity["tiles"] = tiling
     args = dict(identity=identity, shard_size=shard_size, part=part, rank=rank, world=world, overwrite=overwrite,
-                embeddings=embeddings, batch_size=batch_size, num_workers=workers, scoring=scoring)
+                embeddings=embeddings, batch_size=batch_size, num_workers=workers, scoring=scoring, tiling=tiling)
     if engine not in ("plain", "ray"):
         raise BadInput(f"--engine {engine!r}: use plain or ray")
     shown = _Shown(rank == 0, _process_line(cfg.device, part, rank, world, engine))

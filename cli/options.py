@@ -130,6 +130,28 @@ TextEmbeddings = Annotated[Optional[Path], typer.Option(help=(
     "Label embeddings from a file instead of the text tower: a RegionCLIP concept-embedding file such as "
     "coco_65_cls_emb.pth, an (N, D) tensor with one row per label, in the labels' order."), show_default=False)]
 
+Tile = Annotated[Optional[int], typer.Option("--tile", help=(
+    "Detect small objects in large images by overlapping windows of this many pixels (e.g. 320 for the demo, "
+    "640-1024 for vitb16), plus one pass over the whole image, merged; images no larger than a window run as "
+    "without. --max-detections then counts the whole image's boxes."), show_default=False)]
+TileOverlap = Annotated[Optional[float], typer.Option("--tile-overlap", help=(
+    "Share of a window its neighbours overlap, in [0, 0.75] (default 0.2 with --tile); at least an object's "
+    "size, so that some window holds it whole."), show_default=False)]
+
+
+def check_tile(tile: int | None, overlap: float | None) -> dict:
+    """``--tile`` / ``--tile-overlap`` checked before any model loads; the keywords for
+    ``Predictor.stream`` (empty without ``--tile``). ``BadInput`` names the flag."""
+    from regionclip.tiles import check_tiling
+
+    try:
+        tiling = check_tiling(tile, overlap)
+    except BadInput as exc:
+        message = str(exc).replace("tile_overlap", "--tile-overlap").replace("needs tile", "needs --tile")
+        raise BadInput(message if message.startswith("--") else "--" + message) from None
+    return {} if tiling is None else {"tile": tiling.size, "tile_overlap": tiling.overlap}
+
+
 DEFAULT_MODEL = "vitb16"
 
 

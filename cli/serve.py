@@ -39,6 +39,8 @@ def serve(
         "exemplars."))] = 256,
     max_mb: Annotated[float, typer.Option(help="Largest image file accepted, in MB.")] = 20.0,
     max_megapixels: Annotated[float, typer.Option(help="Largest image accepted, in megapixels.")] = 40.0,
+    max_tiles: Annotated[int, typer.Option(help=(
+        "Most windows one image may be cut into when a request asks for tiles (form field tile=PIXELS)."))] = 256,
     flags: O.ModelFlags = None,
 ) -> None:
     """Serve the model over HTTP until Ctrl-C: POST /detect, and a Label Studio ML backend."""
@@ -47,10 +49,11 @@ def serve(
 
     for name, value in (("--port", port), ("--max-batch", max_batch), ("--max-queue", max_queue),
                         ("--max-queue-mb", max_queue_mb), ("--max-labels", max_labels), ("--max-mb", max_mb),
-                        ("--max-megapixels", max_megapixels)):
+                        ("--max-megapixels", max_megapixels), ("--max-tiles", max_tiles)):
         O.check_positive(name, value)
     check_exposure(host, api_key)  # before the model loads
-    limits = Limits(max_bytes=int(max_mb * 1e6), max_pixels=int(max_megapixels * 1e6), max_labels=max_labels)
+    limits = Limits(max_bytes=int(max_mb * 1e6), max_pixels=int(max_megapixels * 1e6), max_labels=max_labels,
+                    max_tiles=max_tiles)
     model = O.build_model(flags)
     err_console.print(f"serving {flags.model} on http://{host}:{port} (Ctrl-C to stop)", markup=False)
     run(model.predictor, host=host, port=port, model_name=flags.model, limits=limits, allow_paths=allow_paths,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -23,6 +23,13 @@ def make_shapes(
         help="The world drawn: 'shapes' (red/green/blue/yellow circles, squares, triangles) or 'alt', a held-out "
              "check (orange/purple/cyan/pink stars, hexagons, crosses; other sizes, busier clutter, half the "
              "objects novel). Choose methods on 'shapes', report on 'alt'.")] = "shapes",
+    object_size: Annotated[Optional[tuple[int, int]], typer.Option(help=(
+        "Smallest and largest object side in pixels, e.g. 12 40 (default: the style's, 16 px up to 0.4 of the "
+        "image). With --min-side 2048: small objects in large images, what detect --tile is for."),
+        show_default=False)] = None,
+    max_objects: Annotated[Optional[int], typer.Option(help=(
+        "Most objects per image, each image drawing 1 to this many (default: the style's, 6; 8 for alt)."),
+        show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Write into OUT_DIR even when it holds files (written over, none removed); without it a "
         "non-empty OUT_DIR is refused."))] = False,
@@ -48,7 +55,7 @@ def make_shapes(
     try:
         paths = write_shapes(out_dir, n_train=train, n_val=val, seed=seed, image_size=(min_side, max_side),
                              progress=report, captions_per_image=captions_per_image, style=style,
-                             overwrite=overwrite)
+                             overwrite=overwrite, object_size=object_size, max_objects=max_objects)
     finally:
         bar.stop()
     console.print(f"[bold]{train}[/] train and [bold]{val}[/] val images in {out_dir}")

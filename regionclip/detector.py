@@ -120,6 +120,8 @@ class RegionCLIP(RegionCLIPModel):
         vocab=None,
         exemplars=(),
         distractors=None,
+        tile: int | None = None,
+        tile_overlap: float | None = None,
     ) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
@@ -138,9 +140,13 @@ class RegionCLIP(RegionCLIPModel):
         ``["NAME=IMAGE:x1,y1,x2,y2", ...]`` (docs/vocabulary.md). ``distractors``: names scored
         beside the labels and never reported, so an unlisted object is not given a listed name
         (``"default"``: the model's own, ``"none"``, ``"common"``, a file or a list; ``Predictor.stream``).
+        ``tile`` (pixels, e.g. 320) and ``tile_overlap`` (default 0.2): small objects in images larger
+        than a tile, detected by overlapping windows plus one whole-image pass, merged
+        (``regionclip.tiles``; docs/detect.md). An image no larger than a tile runs as without.
         """
         return self.predictor.detect(images, labels, boxes, text_embeddings=text_embeddings,
                                      score_threshold=score_threshold, nms_iou=nms_iou,
                                      max_detections=max_detections, top_k=top_k, agnostic_nms=agnostic_nms,
                                      batch_size=batch_size, num_workers=num_workers, proposals_out=proposals_out,
-                                     vocab=vocab, exemplars=exemplars, distractors=distractors)
+                                     vocab=vocab, exemplars=exemplars, distractors=distractors,
+                                     tile=tile, tile_overlap=tile_overlap)

@@ -70,6 +70,7 @@ def evaluate_model(
     vocab=None,
     distractors=None,
     short_lists: tuple[int, int, int] | None = None,
+    tiling: dict | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run ``model`` over every image of ``coco`` (a pycocotools COCO) and score it.
 
@@ -85,9 +86,14 @@ def evaluate_model(
     ``distractors`` as ``Predictor.stream`` takes them (None: the model's own). ``short_lists``
     ``(count, size, seed)`` adds ``report["short_lists"]`` (``shortlists.evaluate_short_lists``:
     seeded lists of ``size`` names from the vocabulary, each detected alone), a second pass.
+    ``tiling`` (``{"tile": pixels, "tile_overlap": share}``): detect by tiles (``Predictor.stream``);
+    proposal recall then counts every window's proposals, best objectness first.
     """
     if proposals not in ("model", "gt"):
         raise BadInput(f"unknown proposals '{proposals}': use model or gt")
+    if tiling and proposals == "gt":
+        raise BadInput("tiles are for detecting with proposals; the GT-box protocol (proposals 'gt') classifies "
+                       "the given boxes in the whole image: leave out one of them")
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise BadImage(f"images folder not found: {images_dir}")
@@ -123,7 +129,8 @@ def evaluate_model(
         # Each label keeps its own ranking for mAP: no cross-label (agnostic) suppression.
         results = predictor.stream(paths, **named, text_embeddings=text_embeddings, batch_size=batch_size,
                                    num_workers=workers, proposals=True, top_k=top_k, score_threshold=threshold,
-                                   agnostic_nms=False, max_detections=COCO_MAX_DETECTIONS, distractors=distractors)
+                                   agnostic_nms=False, max_detections=COCO_MAX_DETECTIONS, distractors=distractors,
+                                   **(tiling or {}))
     else:
         gts = {i: gt_boxes(coco, i) for i in ids_run}
         results = predictor.iter_classify(paths, named.get("labels"), [gts[i][1] for i in ids_run],
@@ -184,7 +191,7 @@ def evaluate_model(
         lists = pick_lists(labels, size, count, seed)
         report["short_lists"] = evaluate_short_lists(predictor, coco, paths, ids_run, labels, lists,
                                                      distractors=distractors, batch_size=batch_size, workers=workers,
-                                                     progress=progress)
+                                                     progress=progress, tiling=tiling)
     if vocab is not None:
         report["vocabulary"] = vocab.to_manifest()  # what reproduces the run
     report["settings"] = {
@@ -193,6 +200,7 @@ def evaluate_model(
         "max_detections": COCO_MAX_DETECTIONS if proposals == "model" else None,
         "images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 3),
         "device": str(model.device), "precision": model.cfg.precision,
+        **({"tiles": dict(tiling)} if tiling else {}),
     }
     report["images_skipped"] = len(skipped)
     report["skipped"] = skipped
@@ -267,6 +275,7 @@ def run_eval(
     vocab=None,
     distractors=None,
     short_lists: tuple[int, int, int] | None = None,
+    tiling: dict | None = None,
 ) -> dict:
     """``regionclip eval`` as one call: score ``results`` (a COCO results JSON), or run the model
     ``build()`` returns over ``images`` (``evaluate_model``); write ``report_out`` / ``results_out``.
@@ -274,7 +283,7 @@ def run_eval(
     Every argument, output path, the split and the embeddings' count are checked before
     ``build`` is called. ``vocab`` (a checked ``vocabulary.Vocabulary``) replaces ``vocabulary``. ``total(n)`` is told the number of images before they run.
     ``distractors`` and ``short_lists`` as ``evaluate_model`` takes them (short lists: a second pass,
-    counted in ``total``).
+    counted in ``total``). ``tiling`` as ``evaluate_model`` takes it.
     """
     import json
 
@@ -284,6 +293,11 @@ def run_eval(
 
     if proposals not in ("model", "gt"):
         raise BadInput(f"--proposals must be 'model' or 'gt', but got {proposals!r}")
+    if tiling and results is not None:
+        raise BadInput("--tile is for running a model (--images), not for scoring --results")
+    if tiling and proposals == "gt":
+        raise BadInput("--tile is for detecting with proposals; --proposals gt classifies the given boxes in the "
+                       "whole image: leave out one of them")
     for path, flag in ((report_out, "--json"), (results_out, "--results-out")):
         if path is not None:
             check_output_file(path, flag)
@@ -334,7 +348,7 @@ def run_eval(
         report, records = evaluate_model(model, gt, images, split=parts, vocabulary=vocabulary, proposals=proposals,
                                          top_k=top_k, batch_size=batch_size, text_embeddings=text_embeddings,
                                          progress=progress, vocab=vocab, distractors=distractors,
-                                         short_lists=short_lists)
+                                         short_lists=short_lists, tiling=tiling)
         if results_out is not None:
             atomic_write_json(results_out, records, indent=None)
     if report_out is not None:

@@ -53,6 +53,7 @@ def detect_files(
     on_result: Callable[[Prediction, Path], None] | None = None,
     vocab=None,
     distractors=None,
+    tiling: dict | None = None,
 ) -> DetectSummary:
     """Detect ``labels`` in every image of ``inputs``; write ``json_out`` and ``save_dir`` copies.
 
@@ -64,7 +65,8 @@ def detect_files(
     ``on_result(prediction, shown_path)`` for every image as it finishes (``shown_path``: the
     path relative to the inputs' common folder). ``vocab`` (a checked ``vocabulary.Vocabulary``)
     replaces ``labels``: its classes are the labels. ``distractors`` as ``Predictor.stream`` takes
-    them (None: the vocabulary's or the model's). Returns a ``DetectSummary``; the records hold
+    them (None: the vocabulary's or the model's). ``tiling``: ``{"tile": pixels, "tile_overlap":
+    share}`` for ``Predictor.stream`` (small objects in large images). Returns a ``DetectSummary``; the records hold
     ``image`` and ``label`` besides COCO's ids (``Detections.to_records``).
     """
     from .visualize import save_annotated
@@ -96,7 +98,7 @@ def detect_files(
         named = {"vocab": vocab} if vocab is not None else {"labels": labels}
         for p in net.stream(paths, **named, text_embeddings=text_embeddings, batch_size=batch_size,
                             num_workers=workers, keep_images=targets is not None, distractors=distractors,
-                            **(scoring or {})):
+                            **(tiling or {}), **(scoring or {})):
             if p.error:
                 summary.failed += 1
             else:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .detections import Detections
 from .errors import BadImage, BadInput
 from .io import LoadedImage, load_reduced
+from .tiles import TiledImage, Tiling, check_tiling, detect_tiled, load_tiled
 
 
 @dataclass
@@ -89,8 +90,10 @@ class _Decoded(IterableDataset):
     """Chunks of ``chunk`` consecutive sources, decoded. Worker w of W takes chunks w, w + W, ...;
     the DataLoader asks its workers in turn, so chunks come back in input order."""
 
-    def __init__(self, sources: Iterable, boxes: Iterable | None, chunk: int, max_side: int | None):
+    def __init__(self, sources: Iterable, boxes: Iterable | None, chunk: int, max_side: int | None,
+                 tiling: Tiling | None = None):
         self.sources, self.boxes, self.chunk, self.max_side = sources, boxes, chunk, max_side
+        self.tiling = tiling
 
     def __iter__(self) -> Iterator[list[_Item]]:
         info = get_worker_info()
@@ -105,15 +108,18 @@ class _Decoded(IterableDataset):
                 yield [self._decode(i, source, boxes) for i, (source, boxes) in part]
 
     def _decode(self, i: int, source, boxes) -> _Item:
-        loaded, error = decode(source, self.max_side)
+        loaded, error = decode(source, self.max_side, self.tiling)
         return _Item(i, source, loaded, error, boxes)
 
 
-def decode(source, max_side: int | None) -> tuple[LoadedImage | None, str | None]:
+def decode(source, max_side: int | None, tiling=None) -> tuple[LoadedImage | None, str | None]:
     """``(loaded, None)``, or ``(None, why)`` for a source that cannot be decoded: what the
     predictor's workers do to each source (``max_side``: the backend's ``input_max_side``), for a
-    pipeline that decodes in a stage of its own and streams the ``LoadedImage`` s."""
+    pipeline that decodes in a stage of its own and streams the ``LoadedImage`` s. With ``tiling``
+    (``tiles.Tiling``) an image larger than a window is only opened (``tiles.TiledImage``)."""
     try:
+        if tiling is not None:
+            return load_tiled(source, tiling, max_side), None
         return load_reduced(source, max_side), None
     except BadImage as exc:
         return None, str(exc)
@@ -272,19 +278,20 @@ class Predictor:
 
     # --------------------------------------------------------------------------------- stream
     def _chunks(self, sources: Iterable, boxes: Iterable | None, batch_size: int | None, num_workers: int | None,
-                window: int | None) -> tuple[Iterator[list[_Item]], int]:
+                window: int | None, tiling: Tiling | None = None) -> tuple[Iterator[list[_Item]], int]:
         """(decoded chunks of ``window`` inputs, the batch size) with the counts checked."""
         size = _check_count("batch_size", self.batch_size if batch_size is None else batch_size, 1)
         workers = _check_count("num_workers", self.num_workers if num_workers is None else num_workers, 0)
         chunk = size if window is None else max(size, _check_count("window", window, 1))
-        dataset = _Decoded(sources, boxes, chunk, self.backend.input_max_side)
+        dataset = _Decoded(sources, boxes, chunk, self.backend.input_max_side, tiling)
         return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
                                worker_init_fn=_DieWithParent() if workers else None)), size
 
     def stream(self, sources: Iterable, labels: Sequence[str] | None = None, *, boxes: Iterable | None = None,
                text_embeddings=None, batch_size: int | None = None, num_workers: int | None = None,
                keep_images: bool = False, proposals: bool = False, window: int | None = None,
-               vocab=None, exemplars=(), distractors=None, **scoring) -> Iterator[Prediction]:
+               vocab=None, exemplars=(), distractors=None, tile: int | None = None,
+               tile_overlap: float | None = None, **scoring) -> Iterator[Prediction]:
         """Yield a ``Prediction`` per source, in order, as each chunk finishes.
 
         ``labels`` / ``text_embeddings``: the vocabulary (``vocabulary``), resolved once (or
@@ -304,11 +311,17 @@ class Predictor:
         (``regionclip.distractors``): names scored beside the labels and never reported, so an
         unlisted object is not given a listed name: ``"default"``/None (the vocabulary's, else the
         model's: the demo's own 12 names, a CLIP preset's common objects), ``"none"``, ``"labels"``,
-        ``"common"``, a file or a list of names.
+        ``"common"``, a file or a list of names. ``tile`` (a window side in original pixels) and
+        ``tile_overlap`` (its share neighbours share, default 0.2): detect in each image larger than
+        a window by windows, ``batch_size`` windows a batch, plus one pass over the whole image,
+        merged (``regionclip.tiles``); ``max_detections`` then counts the whole image's boxes.
         """
+        tiling = check_tiling(tile, tile_overlap)
+        if tiling is not None and boxes is not None:
+            raise BadInput("tile is for detecting with proposals; given boxes are classified in the whole image")
         cfg = self.scoring_config(**scoring)
         labels, text_emb, rules = self._vocab(labels, text_embeddings, vocab, exemplars, distractors)
-        chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window)  # checks the counts now
+        chunks, size = self._chunks(sources, boxes, batch_size, num_workers, window, tiling)  # checks the counts now
         return self._stream(chunks, size, labels, text_emb, cfg, boxes is not None, keep_images, proposals, rules)
 
     # A decorated generator runs each step in inference mode and leaves the caller's mode alone
@@ -316,31 +329,57 @@ class Predictor:
     @torch.inference_mode()
     def _stream(self, chunks, size: int, labels, text_emb, cfg, given: bool, keep_images: bool,
                 proposals: bool, rules=None) -> Iterator[Prediction]:
+        extra = {"rules": rules} if rules is not None else {}  # backends of before take no rules
+
+        def run(loaded):
+            return [([d], found) for d, found in self.backend.detect_chunk(loaded, labels, text_emb, cfg, None,
+                                                                            proposals, size, **extra)]
+
         for items in chunks:
-            good = [it for it in items if it.error is None]
+            good = [it for it in items if it.error is None and not isinstance(it.loaded, TiledImage)]
             results, share = [], 0.0
             if good:
                 start = time.perf_counter()
                 boxes = [self._boxes(it.boxes) for it in good] if given else None
-                extra = {"rules": rules} if rules is not None else {}  # backends of before take no rules
                 results = self.backend.detect_chunk([it.loaded for it in good], labels, text_emb, cfg,
                                                     boxes, proposals, size, **extra)
                 share = (time.perf_counter() - start) / len(good)
             done = iter(results)
             for it in items:
+                if isinstance(it.loaded, TiledImage):
+                    p, tiled = self._tiled(it, run, [cfg], size, keep_images)
+                    if tiled is not None:
+                        p.detections, p.proposals = tiled.detections[0], tiled.proposals if proposals else None
+                    yield p
+                    continue
                 p = self._prediction(it, keep_images)
                 if it.error is None:
                     p.detections, p.proposals = next(done)
                     p.seconds = share
                 yield p
 
+    def _tiled(self, it: _Item, run, configs, size: int, keep_images: bool):
+        """``(Prediction, tiles.TiledResult or None)`` of an image detected by tiles; an image that
+        fails to decode (it is decoded only now) gets its ``error`` instead."""
+        start = time.perf_counter()
+        try:
+            result = detect_tiled(it.loaded, run, configs, size)
+        except BadImage as exc:
+            return Prediction(it.source, it.index, error=str(exc)), None
+        p = Prediction(it.source, it.index, it.loaded.original_size, image=result.pixels if keep_images else None,
+                       seconds=time.perf_counter() - start)
+        return p, result
+
     def stream_runs(self, sources: Iterable, runs: Sequence[dict], *, batch_size: int | None = None,
-                    num_workers: int | None = None) -> Iterator[Prediction]:
+                    num_workers: int | None = None, tile: int | None = None,
+                    tile_overlap: float | None = None) -> Iterator[Prediction]:
         """Like ``stream``, for several vocabularies and selections at once: each run is a dict of
         ``stream``'s keywords (``labels``, ``vocab``, ``distractors``, scoring overrides). Each
         ``Prediction``'s ``runs`` holds one ``Detections`` per run, in order. A backend with
         ``detect_runs`` (the torch one) proposes and embeds each image once for all runs; others run
-        each vocabulary in turn."""
+        each vocabulary in turn. ``tile`` / ``tile_overlap`` as in ``stream``: the windows are run
+        once for all runs, and each run's boxes merged with its own settings."""
+        tiling = check_tiling(tile, tile_overlap)
         if not runs:
             raise BadInput("stream_runs needs at least one run")
         resolved = []
@@ -349,24 +388,31 @@ class Predictor:
             names, emb, rules = self._vocab(run.pop("labels", None), run.pop("text_embeddings", None),
                                             run.pop("vocab", None), run.pop("exemplars", ()), run.pop("distractors", None))
             resolved.append((names, emb, self.scoring_config(**run), rules))
-        chunks, size = self._chunks(sources, None, batch_size, num_workers, None)
+        chunks, size = self._chunks(sources, None, batch_size, num_workers, None, tiling)
         return self._stream_runs(chunks, size, resolved)
 
     @torch.inference_mode()
     def _stream_runs(self, chunks, size: int, runs) -> Iterator[Prediction]:
         many = getattr(self.backend, "detect_runs", None)
+
+        def run(loaded):
+            if many is not None:
+                return [(dets, None) for dets in many(loaded, runs, size)]
+            each = [self.backend.detect_chunk(loaded, labels, emb, cfg, None, False, size,
+                                              **({"rules": rules} if rules is not None else {}))
+                    for labels, emb, cfg, rules in runs]
+            return [([r[k][0] for r in each], None) for k in range(len(loaded))]
+
         for items in chunks:
-            good = [it for it in items if it.error is None]
-            results = []
-            if good and many is not None:
-                results = many([it.loaded for it in good], runs, size)
-            elif good:
-                each = [self.backend.detect_chunk([it.loaded for it in good], labels, emb, cfg, None, False, size,
-                                                  **({"rules": rules} if rules is not None else {}))
-                        for labels, emb, cfg, rules in runs]
-                results = [[r[k][0] for r in each] for k in range(len(good))]
-            done = iter(results)
+            good = [it for it in items if it.error is None and not isinstance(it.loaded, TiledImage)]
+            done = iter([dets for dets, _ in run([it.loaded for it in good])] if good else [])
             for it in items:
+                if isinstance(it.loaded, TiledImage):
+                    p, tiled = self._tiled(it, run, [cfg for _, _, cfg, _ in runs], size, False)
+                    if tiled is not None:
+                        p.runs = tiled.detections
+                    yield p
+                    continue
                 p = self._prediction(it, False)
                 if it.error is None:
                     p.runs = next(done)
@@ -414,13 +460,15 @@ class Predictor:
     def detect(self, images, labels: Sequence[str] | None = None, boxes=None, *, text_embeddings=None,
                batch_size: int | None = None, num_workers: int | None = None,
                proposals_out: list | None = None, window: int | None = LIST_WINDOW,
-               vocab=None, exemplars=(), distractors=None, **scoring) -> Detections | list[Detections]:
+               vocab=None, exemplars=(), distractors=None, tile: int | None = None,
+               tile_overlap: float | None = None, **scoring) -> Detections | list[Detections]:
         """Detect ``labels`` in one image (returns ``Detections``) or a list (returns a list).
 
         ``boxes`` (N, 4 xyxy pixels, or a list of them for a list of images) skips the proposal
         stage. ``proposals_out`` (a list) receives each image's proposals, in input order. An
         unreadable image raises ``BadImage``. See ``stream`` for the rest (``window``: up to
-        ``LIST_WINDOW`` images are grouped by aspect ratio together).
+        ``LIST_WINDOW`` images are grouped by aspect ratio together; ``tile``, ``tile_overlap``:
+        small objects in large images, by windows).
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
@@ -433,7 +481,7 @@ class Predictor:
         for p in self.stream(items, labels, boxes=boxes, text_embeddings=text_embeddings, batch_size=batch_size,
                              num_workers=num_workers, proposals=proposals_out is not None and boxes is None,
                              window=window, vocab=vocab, exemplars=exemplars, distractors=distractors,
-                             **scoring):
+                             tile=tile, tile_overlap=tile_overlap, **scoring):
             if p.error is not None:
                 raise BadImage(p.error)
             out.append(p.detections)

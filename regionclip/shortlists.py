@@ -108,13 +108,15 @@ def _score_changes(short, full, listed: set[str]) -> list[float]:
 
 def evaluate_short_lists(predictor, coco, paths: Sequence, image_ids: Sequence[int], vocabulary: Sequence[str],
                          lists: Sequence[Sequence[str]], *, distractors=None, batch_size: int = 8, workers: int = 0,
+                         tiling: dict | None = None,
                          progress: Callable[[int], None] | None = None) -> dict:
     """The short-list report for ``lists`` (each a list of names from ``vocabulary``) over the images
     ``paths`` (ground truth ``image_ids`` of ``coco``, a pycocotools COCO). ``distractors`` as
     ``Predictor.stream`` takes them (None: the model's own). Ground-truth objects are matched by
     category name, so a vocabulary may hold names the file does not (a model's names on another
     world: every object is then unlisted). Returns ``{"lists": [...], "mean": {...}, "reference_mean":
-    {...}, "score_change_median", "settings"}``."""
+    {...}, "score_change_median", "settings"}``. ``tiling``: ``{"tile", "tile_overlap"}`` as
+    ``Predictor.stream_runs`` takes them."""
     from .evaluate import coco_ap50
 
     vocabulary = list(dict.fromkeys(vocabulary))
@@ -132,7 +134,7 @@ def evaluate_short_lists(predictor, coco, paths: Sequence, image_ids: Sequence[i
     ref_t = [_Tally() for _ in lists]
     changes: list[float] = []
     images = 0
-    for p in predictor.stream_runs(paths, runs, batch_size=batch_size, num_workers=workers):
+    for p in predictor.stream_runs(paths, runs, batch_size=batch_size, num_workers=workers, **(tiling or {})):
         if progress:
             progress(1)
         if p.error is not None:

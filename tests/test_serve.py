@@ -338,3 +338,17 @@ def test_detect_applies_the_models_distractors_and_a_requests_own(client, demo):
     assert names() != names(distractors="none")  # the test means something: the square was a blue square
     r = detect(client, png(pixels), None, vocab=json.dumps({"distractors": "/etc/hostname", "red circle": {}}))
     assert r.status_code == 400 and "file on the server" in r.json()["error"]
+
+
+def test_detect_by_tiles_per_request_within_the_limit(client, demo):
+    """``tile`` per request: 2 windows of 100 px and the whole image, boxes back in the upload's
+    pixels; past ``max_tiles`` windows a 413 before anything runs; a bad value a 400."""
+    r = detect(client, png(shapes_image(100, 160)), tile="100", tile_overlap="0.25")
+    assert r.status_code == 200, r.text
+    by_label = {d["label"]: d["box_xyxy"] for d in r.json()["detections"]}
+    x1, y1, x2, y2 = by_label["red circle"]  # drawn at (40, 33), radius 12
+    assert abs((x1 + x2) / 2 - 40) < 6 and abs((y1 + y2) / 2 - 33) < 6
+    assert detect(client, png(shapes_image(100, 160)), tile="32").status_code == 400
+    with TestClient(create_app(demo, limits=Limits(max_tiles=1))) as c:
+        r = detect(c, png(shapes_image(100, 160)), tile="100")
+        assert r.status_code == 413 and "2 windows" in r.json()["error"], r.text

@@ -18,6 +18,7 @@ byte-identical JSON and identical pixels. Its captions draw from a second genera
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class Style:
     clutter_colours: tuple[tuple[int, int, int], ...]  # never a target colour
     min_px: int = MIN_SHAPE_PX
     max_frac: float = MAX_SHAPE_FRAC
+    max_px: int | None = None  # a cap on the object side in pixels whatever the image size (small objects)
     max_objects: int = 6
     clutter_lines: int = 7  # at most this many minus one thin lines ...
     clutter_blobs: int = 9  # ... and small blobs
@@ -145,15 +147,20 @@ def _clutter(rng: np.random.Generator, img: np.ndarray, style: Style) -> None:
         cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
 
 
-def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, side: int) -> np.ndarray:
-    """An HxW uint8 anti-aliased mask (0..255) of one shape whose extent is about ``side`` px."""
-    mask = np.zeros((h, w), np.uint8)
+def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, side: int) -> tuple[np.ndarray, int, int]:
+    """``(mask, x0, y0)``: an anti-aliased uint8 mask (0..255) of one shape whose extent is about
+    ``side`` px, drawn in the window of an HxW image whose top-left is (x0, y0). A window, not the
+    whole image: in a 2048 px image of 60 small shapes, whole-image masks took most of the time.
+    Shifted by whole pixels, the drawing is the one the whole image would get."""
     r = side / 2.0
     cx = float(rng.uniform(r + 1, w - r - 1))
     cy = float(rng.uniform(r + 1, h - r - 1))
+    pad = int(r) + 4  # anti-aliasing spills a pixel past the shape
+    x0, y0 = max(0, round(cx) - pad), max(0, round(cy) - pad)
+    mask = np.zeros((min(h, round(cy) + pad + 1) - y0, min(w, round(cx) + pad + 1) - x0), np.uint8)
     if shape == "circle":
-        cv2.circle(mask, (round(cx), round(cy)), max(int(r), 1), 255, -1, cv2.LINE_AA)
-        return mask
+        cv2.circle(mask, (round(cx) - x0, round(cy) - y0), max(int(r), 1), 255, -1, cv2.LINE_AA)
+        return mask, x0, y0
     if shape == "square":
         # A small tilt only: at 45 degrees a square becomes a diamond, which is a different name.
         tilt = np.deg2rad(rng.uniform(-15, 15))
@@ -169,8 +176,9 @@ def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, side: int)
     radii = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(offsets),))
     pts = np.array([[cx + q * np.cos(a), cy + q * np.sin(a)] for a, q in zip(offsets, radii)])
     # Sub-pixel vertices (4 fractional bits) keep small shapes from snapping to a coarse grid.
-    cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-    return mask
+    fixed = np.round(pts * 16).astype(np.int32) - np.array([x0 * 16, y0 * 16], np.int32)
+    cv2.fillPoly(mask, [fixed], 255, cv2.LINE_AA, shift=4)
+    return mask, x0, y0
 
 
 def _outline(rng: np.random.Generator, shape: str, r: float) -> tuple[list[float], np.ndarray]:
@@ -233,23 +241,26 @@ def render_shapes_image(
     objects: list[tuple[tuple[int, int, int, int], str]] = []
     n = 0 if rng.random() < empty_prob else int(rng.integers(1, max_objects + 1))
     max_side = max(style.min_px + 1, int(style.max_frac * min(h, w)))
+    if style.max_px is not None:
+        max_side = max(style.min_px + 1, min(max_side, style.max_px))
     for _ in range(n):
         for _attempt in range(30):
             # Log-uniform sizes: as many small objects as large ones, as in real detection data.
             side = int(np.exp(rng.uniform(np.log(style.min_px), np.log(max_side))))
             colour, shape = _draw_category(rng, style)
-            mask = _shape_mask(rng, shape, h, w, side)
+            mask, x0, y0 = _shape_mask(rng, shape, h, w, side)
             ys, xs = np.nonzero(mask >= 128)
             if len(xs) == 0:
                 continue
-            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            box = (int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + 1 + x0, int(ys.max()) + 1 + y0)
             if all(_iou(box, other) <= MAX_PAIR_IOU for other, _ in objects):
                 break
         else:
             continue  # no room left for this one; fewer objects is fine
         rgb = np.clip(np.array(style.colours[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
         alpha = mask.astype(np.float32)[..., None] / 255.0
-        img = (img * (1 - alpha) + rgb[None, None].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        part = img[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]  # outside the mask the blend is the identity
+        part[...] = (part * (1 - alpha) + rgb[None, None].astype(np.float32) * alpha + 0.5).astype(np.uint8)
         objects.append((box, f"{colour} {shape}"))
     return img, objects
 
@@ -290,6 +301,8 @@ def make_shapes(
     captions_per_image: int = 5,
     style: Style | str = "shapes",
     overwrite: bool = False,
+    object_size: tuple[int, int] | None = None,
+    max_objects: int | None = None,
 ) -> dict[str, Path]:
     """Write the shapes data set: JPEGs, COCO annotations, captions and the base/novel split.
 
@@ -310,6 +323,11 @@ def make_shapes(
             (other shapes, colours, sizes and clutter; a held-out check).
         overwrite: write into ``out_dir`` even when it holds files (they are written over, none
             are removed); without it a non-empty ``out_dir`` is refused.
+        object_size: ``(min, max)`` object side in pixels, replacing the style's (whose largest
+            is a share of the image): ``(12, 40)`` with 2048 px images gives the small objects in
+            large images that tiled detection is for. None: the style's.
+        max_objects: at most this many objects per image (each image draws 1 to this many);
+            None: the style's.
 
     Returns:
         Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
@@ -323,6 +341,16 @@ def make_shapes(
     lo, hi = int(image_size[0]), int(image_size[1])
     style_name = style if isinstance(style, str) else "custom"
     style = get_style(style)
+    default_world = style is STYLES["shapes"]
+    if object_size is not None:
+        small, large = (int(v) for v in object_size)
+        if small < 4 or large < small:
+            raise BadInput(f"object_size must be (min, max) pixels with 4 <= min <= max, but got {tuple(object_size)}")
+        style = dataclasses.replace(style, min_px=small, max_px=large)
+    if max_objects is not None:
+        if int(max_objects) < 1:
+            raise BadInput(f"max_objects must be at least 1, but got {max_objects}")
+        style = dataclasses.replace(style, max_objects=int(max_objects))
     categories = style.categories
     if n_train < 0 or n_val < 0:
         raise BadInput(f"image counts must be >= 0, but got train={n_train} val={n_val}")
@@ -386,7 +414,9 @@ def make_shapes(
                 progress(written)
         coco = {
             "info": {"description": f"regionclip synthetic shapes ({split})", "seed": seed,
-                     **({"style": style_name} if style is not STYLES["shapes"] else {})},
+                     **({"style": style_name} if not default_world else {}),
+                     **({"object_size": [style.min_px, style.max_px]} if object_size is not None else {}),
+                     **({"max_objects": style.max_objects} if max_objects is not None else {})},
             "images": images,
             "annotations": annotations,
             "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(categories)],

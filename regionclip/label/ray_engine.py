@@ -49,15 +49,17 @@ def _readable(item, cwd: str):
     return os.path.join(cwd, item)
 
 
-def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int, cwd: str):
-    """Stage 2 (a Ray task): for each shard row, its images decoded, ``batch`` at a time."""
+def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int, cwd: str, tiling=None):
+    """Stage 2 (a Ray task): for each shard row, its images decoded, ``batch`` at a time (with
+    ``tiling``, an image larger than a window only opened for its size: its actor decodes it at
+    the scale the windows need, so it never travels whole)."""
     from ..predictor import decode
 
     for index, start, stop in zip(rows["shard"], rows["start"], rows["stop"]):
         shard = Shard(int(index), int(start), int(stop))
         out: dict[str, list] = {"shard": [], "position": [], "key": [], "image": [], "error": [], "decoder": []}
         for position, item in enumerate(items.iter(shard)):
-            loaded, error = decode(_readable(item, cwd), max_side)
+            loaded, error = decode(_readable(item, cwd), max_side, tiling)
             for name, value in zip(out, (shard.index, position, str(item),
                                          pickle.dumps(loaded, protocol=5) if loaded is not None else b"",
                                          error or "", os.getpid())):
@@ -80,7 +82,7 @@ class _Labeller:
     that were decoded in this very process, which a pipeline of separate stages never has)."""
 
     def __init__(self, cfg, vocabulary, scoring: dict, batch_size: int, embeddings: bool, out: str,
-                 shards: dict[int, tuple[int, int]], threads: int | None) -> None:
+                 shards: dict[int, tuple[int, int]], threads: int | None, tiling: dict | None = None) -> None:
         if threads:  # Ray gives an actor the threads of the CPUs it reserved: one, here
             import torch
 
@@ -90,7 +92,7 @@ class _Labeller:
         self.net = RegionCLIP(config=cfg)
         self.vocabulary = self.net.predictor.resolve(vocabulary)  # exemplars hashed, texts encoded: once
         self.scoring, self.batch_size, self.embeddings = scoring, batch_size, embeddings
-        self.out, self.shards = out, shards
+        self.out, self.shards, self.tiling = out, shards, tiling or {}
 
     def __call__(self, batch: dict) -> dict:
         from ..io import LoadedImage
@@ -98,7 +100,7 @@ class _Labeller:
 
         loaded = [pickle.loads(b) if not e else None for b, e in zip(batch["image"], batch["error"])]
         good = iter(self.net.stream([x for x in loaded if x is not None], self.vocabulary, batch_size=self.batch_size,
-                                    num_workers=0, keep_images=self.embeddings, **self.scoring))
+                                    num_workers=0, keep_images=self.embeddings, **self.tiling, **self.scoring))
         by_shard: dict[int, tuple[list, list, LabelSummary, list]] = {}
         for shard, position, key, x, error, decoder in zip(batch["shard"], batch["position"], batch["key"], loaded,
                                                            batch["error"], batch["decoder"]):
@@ -154,6 +156,7 @@ def label_with_ray(
     actors: int | None = None,
     batch_size: int = 8,
     scoring: dict | None = None,
+    tiling: dict | None = None,
     before_run: Callable[[LabelSummary], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     **job,
@@ -162,7 +165,8 @@ def label_with_ray(
     ``part``, ``rank``, ``world``, ``overwrite``, ``embeddings``), but the model comes from its
     ``ModelConfig`` ``cfg``, built once in each actor. ``actors``: how many (default: one per
     GPU of the cluster, else one per two CPUs). ``num_workers`` is ignored: decoding is a stage of
-    its own, on the cluster's CPUs. ``on_progress(n)``: ``n`` more images labelled."""
+    its own, on the cluster's CPUs. ``on_progress(n)``: ``n`` more images labelled. ``tiling``:
+    ``tile`` / ``tile_overlap`` (``Predictor.stream``)."""
     ray = _ray()
     job.pop("num_workers", None)
     embeddings = bool(job.get("embeddings", False))
@@ -179,7 +183,7 @@ def label_with_ray(
             start_local()
     start = time.perf_counter()
     try:
-        _pipeline(ray, plan, cfg, actors, batch_size, scoring or {}, embeddings, summary, on_progress)
+        _pipeline(ray, plan, cfg, actors, batch_size, scoring or {}, embeddings, summary, on_progress, tiling or {})
     except KeyboardInterrupt:
         summary.interrupted = True  # the shards merged so far are complete; the same command continues
     except Exception as exc:  # a failed actor surfaces as Ray's own error type: say what to do
@@ -192,8 +196,9 @@ def label_with_ray(
 
 
 def _pipeline(ray, plan, cfg, actors, batch_size: int, scoring: dict, embeddings: bool, summary: LabelSummary,
-              on_progress) -> None:
+              on_progress, tiling: dict) -> None:
     from ..model import input_max_side
+    from ..tiles import check_tiling
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -218,12 +223,14 @@ def _pipeline(ray, plan, cfg, actors, batch_size: int, scoring: dict, embeddings
         # actor stage after it when their resources agree, and decoding would then run inside the
         # actors, in turn with the model (``decoded_here`` counts what did; the tests check for none).
         data = data.map_batches(_decode_shard, batch_size=1, num_cpus=0.5, batch_format="numpy",
-                                fn_kwargs=dict(items=items, max_side=max_side, batch=batch_size, cwd=os.getcwd()))
+                                fn_kwargs=dict(items=items, max_side=max_side, batch=batch_size, cwd=os.getcwd(),
+                                               tiling=check_tiling(tiling.get("tile"), tiling.get("tile_overlap"))))
         data = data.map_batches(
             _Labeller, batch_size=batch_size * CALL_BATCHES, concurrency=count, batch_format="numpy",
             num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
             fn_constructor_kwargs=dict(cfg=cfg, vocabulary=plan.vocabulary, scoring=scoring, batch_size=batch_size,
                                        embeddings=embeddings, out=out, threads=None if gpus else max(1, cpus // count),
+                                       tiling=tiling,
                                        shards={k: (s.start, s.stop) for k, s in shards.items()}))
         _collect(ray, data, shards, out, embeddings, summary, on_progress)
     finally:

@@ -160,6 +160,7 @@ def label_images(
     batch_size: int = 8,
     num_workers: int = 2,
     scoring: dict | None = None,
+    tiling: dict | None = None,
     before_run: Callable[[LabelSummary], None] | None = None,
     on_result: Callable[[object], None] | None = None,
 ) -> LabelSummary:
@@ -171,12 +172,17 @@ def label_images(
     ``rank``/``world`` (torchrun) pick the shards (``shards.assigned``). ``overwrite``: start
     again whatever the folder holds. ``embeddings``: store each box's region embedding (fp16;
     the crop tower runs once more over the kept boxes). ``before_run(summary)`` runs after the
-    checks, before the model is built; ``on_result(prediction)`` after each image.
+    checks, before the model is built; ``on_result(prediction)`` after each image. ``tiling``:
+    ``{"tile", "tile_overlap"}`` for ``Predictor.stream`` (record it in ``identity``: it changes
+    the boxes); not with ``embeddings``.
 
     Raises ``BadOutput`` (folder not writable), ``BadImage`` (no images), ``BadInput`` (a source
     that does not exist; the manifest is another run's or was split with another ``part``/``world``
     layout, without ``overwrite``), ``MissingDependency`` (no pyarrow).
     """
+    if tiling and embeddings:
+        raise BadInput("--embeddings embeds each box in the whole image reduced to the model's input, which "
+                       "loses the small objects --tile finds: leave out one of them")
     job = prepare(sources, labels, out, identity=identity, shard_size=shard_size, part=part, rank=rank,
                   world=world, overwrite=overwrite, embeddings=embeddings)
     summary = job.summary
@@ -187,7 +193,7 @@ def label_images(
     net = build()
     start = time.perf_counter()
     try:
-        _run(net, job, embeddings, batch_size, num_workers, scoring or {}, on_result)
+        _run(net, job, embeddings, batch_size, num_workers, {**(tiling or {}), **(scoring or {})}, on_result)
     except KeyboardInterrupt:
         summary.interrupted = True  # the shards written so far are complete; the same command continues
     summary.seconds = time.perf_counter() - start

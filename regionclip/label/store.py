@@ -34,7 +34,9 @@ MANIFEST = "manifest.json"
 FORMAT = "regionclip-label/1"
 # Manifest entries that must match for a second run to continue the first (regionclip's version
 # may differ: a bug-fix release resuming a run is fine).
-MUST_MATCH = ("model", "vocabulary", "vocabulary_spec", "scoring", "embeddings", "shard_size", "images", "sources_sha256")
+# "tiles" is absent from manifests of untiled runs (and of runs before tiling): None matches None.
+MUST_MATCH = ("model", "vocabulary", "vocabulary_spec", "scoring", "tiles", "embeddings", "shard_size", "images",
+              "sources_sha256")
 
 
 class MissingDependency(RegionClipError):

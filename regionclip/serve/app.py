@@ -27,6 +27,7 @@ from ..convert.labelstudio import prediction
 from ..errors import BadImage, BadInput, RegionClipError
 from ..io import load_image
 from ..labels import check_labels
+from ..tiles import check_tiling
 from ..vocabulary import Vocabulary
 
 # What a request may name as its distractors besides a list of names (no server file).
@@ -44,12 +45,14 @@ class WrongMediaType(BadInput):
 class Limits:
     """What one request may ask: ``max_bytes`` per image file, ``max_pixels`` per decoded image
     (checked from the header, before decoding), ``max_labels`` texts and exemplars to embed per
-    request (labels, or a vocabulary's prompts, negatives and exemplars), ``max_body`` bytes of
-    request body (None: one image base64-encoded in JSON, and a megabyte for the rest)."""
+    request (labels, or a vocabulary's prompts, negatives and exemplars), ``max_tiles`` windows
+    per image when a request asks for tiles (``tile``), ``max_body`` bytes of request body (None:
+    one image base64-encoded in JSON, and a megabyte for the rest)."""
 
     max_bytes: int = 20_000_000
     max_pixels: int = 40_000_000
     max_labels: int = 256
+    max_tiles: int = 256  # 2048 x 2048 at tile 160; each window costs about what a whole image does
     timeout: float = 120.0  # seconds a request waits for its batch
     max_body: Optional[int] = None
     text_cache: int = 4096  # label embeddings the text encoder keeps (least recently used dropped first)
@@ -160,9 +163,16 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
             raise TooLarge(f"{len(names)} labels, more than the server's limit of {limits.max_labels}")
         return names
 
-    def queued(data: bytes, labels, **scoring):
-        """(pixels, future) of an upload; its decoded size counts against the queue from its header on."""
+    def queued(data: bytes, labels, tiling=None, **scoring):
+        """(pixels, future) of an upload; its decoded size counts against the queue from its header on.
+        ``tiling`` (``tiles.Tiling``): its windows for this image are counted against ``max_tiles`` first."""
         img = _opened(data, limits)
+        if tiling is not None:
+            w, h = img.size
+            if (n := len(tiling.windows(h, w)) if tiling.applies(h, w) else 0) > limits.max_tiles:
+                raise TooLarge(f"tile {tiling.size} cuts this {w}x{h} image into {n} windows, more than the "
+                               f"server's limit of {limits.max_tiles}: send a larger tile")
+            scoring = {**scoring, "tile": tiling.size, "tile_overlap": tiling.overlap}
         room = batcher.reserve(img.size[0] * img.size[1] * 3)
         try:
             pixels = _decoded(img)
@@ -218,13 +228,15 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
     @app.post("/detect")
     def detect(request: Request, image: Optional[UploadFile] = File(None), path: Optional[str] = Form(None),
                labels: Optional[str] = Form(None), vocab: Optional[str] = Form(None),
-               score_threshold: Optional[float] = Form(None), distractors: Optional[str] = Form(None)):
+               score_threshold: Optional[float] = Form(None), distractors: Optional[str] = Form(None),
+               tile: Optional[int] = Form(None), tile_overlap: Optional[float] = Form(None)):
         """Detections of ``labels`` (comma-separated), or of a ``vocab`` (the ``--vocab`` file's
         structure as JSON or YAML text: synonyms, negatives, per-class thresholds), in an uploaded
         ``image`` (or a server-side ``path`` when the server allows paths):
         ``{"width", "height", "detections": [{label, score, box_xyxy}]}``. ``distractors``: names
         scored beside them and never reported (default: the model's; none, labels, common, or
-        comma-separated names; regionclip/distractors.py)."""
+        comma-separated names; regionclip/distractors.py). ``tile`` (pixels) and ``tile_overlap``: detect
+        small objects by overlapping windows (``regionclip.tiles``), at most ``max_tiles`` an image."""
         if _media_type(request) not in ("multipart/form-data", "application/x-www-form-urlencoded"):
             raise WrongMediaType(f"/detect reads a multipart form (multipart/form-data), not "
                                  f"{_media_type(request) or 'a body without a Content-Type'}: send the image "
@@ -234,13 +246,14 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
         names = with_distractors(vocab_of(vocab) if vocab is not None else labels_of(labels), distractors)
         if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
             raise BadInput(f"score_threshold must be in [0, 1], but got {score_threshold}")
+        tiling = check_tiling(tile, tile_overlap)
         if image is not None:
             data = image.file.read(limits.max_bytes + 1)
         elif path is not None:
             data = read_file(path, limits.max_bytes) if allow_paths else _no_paths()
         else:
             raise BadInput("send an image file in the form field 'image'")
-        pixels, future = queued(data, names, score_threshold=score_threshold)
+        pixels, future = queued(data, names, tiling, score_threshold=score_threshold)
         d = wait(future)
         return {"width": int(pixels.shape[1]), "height": int(pixels.shape[0]), "detections": [
             {"label": n, "score": round(float(s), 5), "box_xyxy": [round(float(v), 2) for v in b]}
