@@ -32,6 +32,7 @@ from torchvision.ops import box_area, box_iou
 
 from .config import ScoringConfig
 from .detections import Detections
+from .doubt import Doubt
 from .errors import BadInput
 from .io import LoadedImage, image_size, load_image, load_reduced, reduce
 
@@ -196,20 +197,29 @@ def detect_tiled(image: TiledImage, run_batch: RunBatch, configs: Sequence[Scori
             window = torch.as_tensor(window, dtype=torch.float32)
             for k, d in enumerate(dets):
                 shifted = Detections(d.boxes_xyxy + window.to(d.boxes_xyxy)[:2].repeat(2), d.scores, d.label_ids,
-                                     d.vocabulary)
+                                     d.vocabulary, d.doubt)
                 keep, cut = _cut_pieces(shifted.boxes_xyxy, window, windows, (h, w), tiling.margin)
                 parts[k].append((shifted[keep], cut[keep]))
             if props is not None:
                 found.append((props[0] + window.to(props[0])[:2].repeat(2), props[1]))
-    merged = [merge(Detections(torch.cat([d.boxes_xyxy for d, _ in p]), torch.cat([d.scores for d, _ in p]),
-                               torch.cat([d.label_ids for d, _ in p]), p[0][0].vocabulary),
-                    torch.cat([c for _, c in p]), cfg) for p, cfg in zip(parts, configs)]
+    merged = [merge(_joined([d for d, _ in p]), torch.cat([c for _, c in p]), cfg) for p, cfg in zip(parts, configs)]
     proposals = None
     if found:
         boxes, objectness = torch.cat([b for b, _ in found]), torch.cat([o for _, o in found])
         order = torch.argsort(objectness, descending=True, stable=True)
         proposals = (boxes[order], objectness[order])
     return TiledResult(merged, proposals, pixels)
+
+
+def _joined(dets: list[Detections]) -> Detections:
+    """The passes' detections as one, their doubt figures too when every pass has them (the
+    image's near miss: the largest of the passes')."""
+    doubt = None
+    if all(d.doubt is not None for d in dets):
+        doubt = Doubt(torch.cat([d.doubt.margins for d in dets]), torch.cat([d.doubt.threshold_gaps for d in dets]),
+                      torch.stack([d.doubt.near_miss for d in dets]).max())
+    return Detections(torch.cat([d.boxes_xyxy for d in dets]), torch.cat([d.scores for d in dets]),
+                      torch.cat([d.label_ids for d in dets]), dets[0].vocabulary, doubt)
 
 
 def _cut_pieces(boxes: torch.Tensor, window: torch.Tensor, windows: torch.Tensor, size: tuple[int, int],
@@ -277,7 +287,8 @@ def merge(dets: Detections, cut: torch.Tensor, cfg: ScoringConfig) -> Detections
             to = first[grow][:, None].expand(-1, 2)
             grown[:, :2].scatter_reduce_(0, to, boxes[part][grow, :2], "amin")
             grown[:, 2:].scatter_reduce_(0, to, boxes[part][grow, 2:], "amax")
-    return Detections(grown, scores[idx], labels[idx], dets.vocabulary)
+    doubt = dets.doubt[order][idx] if dets.doubt is not None else None
+    return Detections(grown, scores[idx], labels[idx], dets.vocabulary, doubt)
 
 
 def _absorbs(kept_boxes: torch.Tensor, kept_labels: torch.Tensor, kept_cut: torch.Tensor, boxes: torch.Tensor,

@@ -167,6 +167,7 @@ def test_detect_with_tiles_through_the_predictor(models):
     d = model.detect(big, labels, tile=128, score_threshold=0.0, max_detections=7)
     assert 0 < len(d) <= 7 and d.boxes_xyxy[:, 2].max() <= 200 and d.boxes_xyxy[:, 3].max() <= 150
     assert d.boxes_xyxy[:, 0].min() >= 0 and (d.scores[:-1] >= d.scores[1:]).all()
+    assert d.doubt is not None and d.doubt.margins.shape == (len(d),)  # label's review order needs them
     small = shapes_image(90, 96, seed=2)
     plain, tiled = model.detect(small, labels, score_threshold=0.0), model.detect(small, labels, tile=96, score_threshold=0.0)
     torch.testing.assert_close(tiled.boxes_xyxy, plain.boxes_xyxy)
