@@ -215,10 +215,13 @@ class RegionCLIPModel(nn.Module):
 def text_cache_dir(text: TextConfig, clip_key: str) -> str | Path | None:
     """Where the text encoder keeps embeddings between runs: ``text.cache_dir``, else the user's
     cache (a preset's 65 names x 81 RegionCLIP prompts cost minutes to encode on a CPU, every call).
-    Randomly initialised weights, or ``text.disk_cache: false``, keep them in memory only."""
-    if not text.disk_cache or "/random/" in clip_key:
+    ``text.disk_cache: false`` keeps them in memory only, as does randomly initialised weights'
+    default (their key is new at every build: files nobody reads again)."""
+    if not text.disk_cache:
         return None
-    return text.cache_dir or user_cache_dir()
+    if text.cache_dir:
+        return text.cache_dir
+    return None if "/random/" in clip_key else user_cache_dir()
 
 
 def input_max_side(cfg: ModelConfig, detector_sides: tuple[int, int] | None = None) -> int | None:

@@ -182,6 +182,8 @@ def test_weights_from_a_file_cache_embeddings_in_the_user_cache(tmp_path, monkey
     random = RegionCLIP(**{**kw, "clip_pretrained": "none"}, text=text)
     random.encode_text(LABELS)
     assert random.text.cache_file is None and len(list((tmp_path / "user").glob("text-*.pt"))) == 1
+    given = RegionCLIP(**{**kw, "clip_pretrained": "none"}, text={**text, "cache_dir": str(tmp_path / "mine")})
+    assert given.text.cache_file.parent == tmp_path / "mine"  # a folder given is used, whatever the weights
 
 
 def test_long_vocabularies_are_chunked(models):
