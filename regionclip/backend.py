@@ -130,7 +130,7 @@ class TorchBackend:
                      else select(b, probs, cfg, labels, False, rules))
             else:
                 d = select(b, probabilities(lg, columns, o, cfg), cfg, labels, filter_boxes, rules)
-            out.append(Detections(batch.to_original(i, d.boxes_xyxy), d.scores, d.label_ids, d.vocabulary))
+            out.append(dataclasses.replace(d, boxes_xyxy=batch.to_original(i, d.boxes_xyxy)))
         return out
 
     def detect_batch(self, batch: ImageBatch, text_emb: torch.Tensor, labels: Sequence[str],

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .doubt import Doubt
 from .errors import BadInput
 
 
@@ -19,6 +20,8 @@ class Detections:
         scores: (N,) float tensor in [0, 1].
         label_ids: (N,) int64 tensor of indices into ``vocabulary``.
         vocabulary: the label strings the ids refer to (the labels passed to ``detect``).
+        doubt: how sure the selection was of each detection (``regionclip.doubt``), or None where
+            it is not known (given boxes, the ONNX runtime, detections made by hand).
 
     Tensors stay on the device they were computed on; ``cpu()`` moves them.
     """
@@ -27,6 +30,7 @@ class Detections:
     scores: torch.Tensor
     label_ids: torch.Tensor
     vocabulary: tuple[str, ...] = ()
+    doubt: Doubt | None = None
 
     def __post_init__(self) -> None:
         b, s, l = self.boxes_xyxy, self.scores, self.label_ids
@@ -45,6 +49,8 @@ class Detections:
             raise BadInput(
                 f"label id {int(l.max())} is out of range for a vocabulary of {len(self.vocabulary)}"
             )
+        if self.doubt is not None and self.doubt.margins.shape != (n,):
+            raise BadInput(f"doubt must hold ({n},) figures, but got {tuple(self.doubt.margins.shape)}")
         object.__setattr__(self, "vocabulary", tuple(self.vocabulary))
 
     @classmethod
@@ -68,7 +74,8 @@ class Detections:
             if index.dtype == torch.bool and index.shape != self.scores.shape:
                 raise BadInput(f"mask must have shape ({len(self)},), but got {tuple(index.shape)}")
         return Detections(
-            self.boxes_xyxy[index], self.scores[index], self.label_ids[index], self.vocabulary
+            self.boxes_xyxy[index], self.scores[index], self.label_ids[index], self.vocabulary,
+            None if self.doubt is None else self.doubt[index],
         )
 
     @property
@@ -78,7 +85,8 @@ class Detections:
 
     def cpu(self) -> Detections:
         return Detections(
-            self.boxes_xyxy.cpu(), self.scores.cpu(), self.label_ids.cpu(), self.vocabulary
+            self.boxes_xyxy.cpu(), self.scores.cpu(), self.label_ids.cpu(), self.vocabulary,
+            None if self.doubt is None else self.doubt.cpu(),
         )
 
     def to_records(

@@ -30,6 +30,11 @@ class ImageRecord:
     labels: list[str]  # (N,) names
     scores: np.ndarray  # (N,) float32
     error: str | None = None  # why the image has no detections (undecodable), else None
+    # How sure the run was (``regionclip.doubt``); None where the source did not record it.
+    margins: np.ndarray | None = None  # (N,) score minus the best other column of the box's row
+    threshold_gaps: np.ndarray | None = None  # (N,) score minus the class threshold
+    near_miss: float | None = None  # the doubt of the closest unclaimed box
+    priority: float | None = None  # the image's review priority, in [0, 1]
 
     def __post_init__(self) -> None:
         self.boxes_xyxy = np.asarray(self.boxes_xyxy, np.float32).reshape(-1, 4)
@@ -37,6 +42,13 @@ class ImageRecord:
         if not len(self.boxes_xyxy) == len(self.labels) == len(self.scores):
             raise BadInput(f"{self.image}: {len(self.boxes_xyxy)} boxes, {len(self.labels)} labels and "
                            f"{len(self.scores)} scores; expected one of each per detection")
+        for name in ("margins", "threshold_gaps"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value, np.float32).reshape(-1)
+                if len(value) != len(self.scores):
+                    raise BadInput(f"{self.image}: {len(value)} {name} for {len(self.scores)} detections")
+                setattr(self, name, value)
 
 
 @dataclass
@@ -100,8 +112,11 @@ def from_label_dir(path: str | os.PathLike) -> Results:
     from .label.store import read_label_rows
 
     manifest, rows = read_label_rows(path)
+    # Folders written before the doubt columns read with None there (``doubt`` then ranks by score).
     images = [ImageRecord(image=r["image"], width=r["width"], height=r["height"], boxes_xyxy=r["boxes_xyxy"] or [],
-                          labels=list(r["labels"] or []), scores=r["scores"] or [], error=r["error"]) for r in rows]
+                          labels=list(r["labels"] or []), scores=r["scores"] or [], error=r["error"],
+                          margins=r.get("margins"), threshold_gaps=r.get("threshold_gaps"),
+                          near_miss=r.get("near_miss"), priority=r.get("priority")) for r in rows]
     model = manifest.get("model")
     return Results(images=images, vocabulary=list(manifest.get("vocabulary") or []),
                    model=model.get("spec") if isinstance(model, dict) else model, meta=manifest)

@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms, box_iou, nms
 
 from .config import ScoringConfig
 from .detections import Detections
+from .doubt import figures
 
 
 # RegionCLIP's soft-NMS settings (MODEL.ROI_HEADS.SOFT_NMS_{METHOD,SIGMA,PRUNE}: gaussian, 0.5, 0.001).
@@ -96,21 +97,29 @@ def select(boxes_xyxy: torch.Tensor, probs: torch.Tensor, cfg: ScoringConfig, vo
     won = label_ids[:, :1].expand(-1, k).reshape(-1) >= classes  # the box's best match is an extra row
     boxes = boxes_xyxy.float()[:, None].expand(-1, k, 4).reshape(-1, 4)
     scores, label_ids = scores.reshape(-1), label_ids.reshape(-1)
-    if filter_boxes:
-        if rules is not None:
-            thr = class_thresholds(rules, cfg.score_threshold, classes, scores)
-            thr = torch.cat([thr, thr.new_full((extra,), float(cfg.score_threshold))])[label_ids]
-        else:
-            thr = cfg.score_threshold
-        keep = torch.nonzero(scores >= thr).flatten()
-        keep = keep[batched_nms(boxes[keep], scores[keep], label_ids[keep], cfg.nms_iou)]
-        if cfg.agnostic_nms:
-            keep = keep[nms(boxes[keep], scores[keep], cfg.agnostic_nms_iou)]
-        if extra:
-            keep = keep[~won[keep] & (label_ids[keep] < classes)]
-        keep = keep[: cfg.max_detections]
-        boxes, scores, label_ids = boxes[keep], scores[keep], label_ids[keep]
-    return Detections(boxes, scores, label_ids, tuple(vocabulary))
+    if not filter_boxes:
+        return Detections(boxes, scores, label_ids, tuple(vocabulary))
+    per_class = class_thresholds(rules, cfg.score_threshold, classes, scores)
+    if rules is not None:
+        thr = torch.cat([per_class, per_class.new_full((extra,), float(cfg.score_threshold))])[label_ids]
+    else:
+        thr = scores.new_full(scores.shape, float(cfg.score_threshold))
+    keep = torch.nonzero(scores >= thr).flatten()
+    keep = keep[batched_nms(boxes[keep], scores[keep], label_ids[keep], cfg.nms_iou)]
+    if cfg.agnostic_nms:
+        keep = keep[nms(boxes[keep], scores[keep], cfg.agnostic_nms_iou)]
+    if extra:
+        keep = keep[~won[keep] & (label_ids[keep] < classes)]
+    keep = keep[: cfg.max_detections]
+    doubt = figures(probs, boxes_xyxy, keep // k, label_ids[keep], scores[keep], thr[keep], per_class, classes,
+                    _cover_iou(cfg))
+    return Detections(boxes[keep], scores[keep], label_ids[keep], tuple(vocabulary), doubt)
+
+
+def _cover_iou(cfg: ScoringConfig) -> float:
+    """The overlap at which a kept box claims another (``doubt.figures``): the lowest at which an
+    NMS of the selection would have suppressed it, so no suppressed duplicate counts as a miss."""
+    return min(cfg.nms_iou, cfg.agnostic_nms_iou) if cfg.agnostic_nms else cfg.nms_iou
 
 
 def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringConfig,
@@ -133,9 +142,12 @@ def select_pairs(boxes_xyxy: torch.Tensor, scores: torch.Tensor, cfg: ScoringCon
         keep = batched_nms(boxes, kept, label_ids, cfg.nms_iou)
         kept = kept[keep]
     keep, kept = keep[: cfg.max_detections], kept[: cfg.max_detections]
-    boxes, label_ids = boxes[keep], label_ids[keep]
+    boxes, label_ids, rows = boxes[keep], label_ids[keep], rows[keep]
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return Detections(boxes[nonempty], kept[nonempty], label_ids[nonempty], tuple(vocabulary))
+    pair_thr = thr[label_ids] if isinstance(thr, torch.Tensor) else kept.new_full(kept.shape, float(thr))
+    doubt = figures(scores, boxes_xyxy, rows[nonempty], label_ids[nonempty], kept[nonempty], pair_thr[nonempty], thr,
+                    scores.shape[1], cfg.nms_iou)
+    return Detections(boxes[nonempty], kept[nonempty], label_ids[nonempty], tuple(vocabulary), doubt)
 
 
 def batched_soft_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ def kept(record: ImageRecord, min_score: float | None) -> ImageRecord:
     if min_score is None:
         return record
     keep = record.scores >= float(min_score)
-    return ImageRecord(record.image, record.width, record.height, record.boxes_xyxy[keep],
-                       [name for name, k in zip(record.labels, keep) if k], record.scores[keep], record.error)
+    return replace(record, boxes_xyxy=record.boxes_xyxy[keep], labels=[n for n, k in zip(record.labels, keep) if k],
+                   scores=record.scores[keep],
+                   margins=None if record.margins is None else record.margins[keep],
+                   threshold_gaps=None if record.threshold_gaps is None else record.threshold_gaps[keep])
 
 
 def usable(results: Results, min_score: float | None) -> list[ImageRecord]:

@@ -226,7 +226,8 @@ def row_of(net, p, embeddings: bool, LoadedImage, summary: LabelSummary) -> dict
         if len(summary.failures) < 50:
             summary.failures.append((str(p.source), p.error))
         row = {"image": str(p.source), "width": None, "height": None, "boxes_xyxy": [], "labels": [],
-               "label_ids": [], "scores": [], "error": p.error}
+               "label_ids": [], "scores": [], "error": p.error, "margins": None, "threshold_gaps": None,
+               "near_miss": None, "priority": None}
         return {**row, "embeddings": [] if embeddings else None}
     d = p.detections.cpu()
     h, w = p.original_size
@@ -234,11 +235,24 @@ def row_of(net, p, embeddings: bool, LoadedImage, summary: LabelSummary) -> dict
     row = {"image": str(p.source), "width": int(w), "height": int(h),
            "boxes_xyxy": d.boxes_xyxy.float().numpy().astype(np.float32), "labels": list(d.names),
            "label_ids": d.label_ids.numpy().astype(np.int32), "scores": d.scores.float().numpy().astype(np.float32),
-           "error": None}
+           "error": None, **doubt_columns(d)}
     if embeddings:
         emb = net.encode_regions(LoadedImage(p.image, p.original_size), d.boxes_xyxy) if len(d) else None
         row["embeddings"] = [] if emb is None else emb.float().cpu().numpy().astype(np.float16)
     return row
+
+
+def doubt_columns(d) -> dict:
+    """The doubt columns of ``d`` (CPU ``Detections``): its figures and the image's priority, or
+    nulls where the backend gave none (the ONNX runtime)."""
+    from ..doubt import image_priority
+
+    if d.doubt is None:
+        return {"margins": None, "threshold_gaps": None, "near_miss": None, "priority": None}
+    margins, gaps = d.doubt.margins.float().numpy(), d.doubt.threshold_gaps.float().numpy()
+    near = float(d.doubt.near_miss)
+    return {"margins": margins.astype(np.float32), "threshold_gaps": gaps.astype(np.float32), "near_miss": near,
+            "priority": image_priority(d.scores.float().numpy(), margins, gaps, near)}
 
 
 def scoring_identity(cfg, overrides: dict) -> dict:

@@ -4,7 +4,11 @@ Shard columns (one row per image, in the run's order): ``image`` (path, or ``TAR
 ``width``/``height`` (original pixels; null when undecodable), ``boxes_xyxy`` (list of 4
 float32, original pixels), ``labels`` (names), ``label_ids`` (0-based positions in the
 manifest's vocabulary), ``scores`` (float32), ``error`` (why the image has no detections, else
-null) and, with ``--embeddings``, ``embeddings`` (list of D float16, unit norm, one per box).
+null), how sure the run was (``regionclip.doubt``): ``margins`` and ``threshold_gaps`` (float32
+per box), ``near_miss`` and ``priority`` (float32 per image; all null where the backend gave no
+figures or the image is undecodable), and, with ``--embeddings``, ``embeddings`` (list of D
+float16, unit norm, one per box). Folders written before the doubt columns read the same, with
+those left out (``records.from_label_dir``).
 
 Every file is written to a temporary name and renamed (``regionclip.atomic``): a shard file that
 exists is complete, unless someone cut it by hand, which ``finished_shard`` notices.
@@ -95,7 +99,9 @@ def _schema(embeddings: bool):
     pa, _ = _pyarrow()
     fields = [("image", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
               ("boxes_xyxy", pa.list_(pa.list_(pa.float32(), 4))), ("labels", pa.list_(pa.string())),
-              ("label_ids", pa.list_(pa.int32())), ("scores", pa.list_(pa.float32())), ("error", pa.string())]
+              ("label_ids", pa.list_(pa.int32())), ("scores", pa.list_(pa.float32())), ("error", pa.string()),
+              ("margins", pa.list_(pa.float32())), ("threshold_gaps", pa.list_(pa.float32())),
+              ("near_miss", pa.float32()), ("priority", pa.float32())]
     if embeddings:
         fields.append(("embeddings", pa.list_(pa.list_(pa.float16()))))
     return pa.schema(fields)
