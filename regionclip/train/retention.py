@@ -60,11 +60,14 @@ def interpolate(model: RegionCLIP, start: dict[str, torch.Tensor], alpha: float)
     """WiSE-FT in place: every floating-point entry of ``model``'s state that ``start`` (a state
     dict of the same model before fine-tuning) also holds, with the same shape, becomes
     ``(1 - alpha) * start + alpha * current``; the rest (a head the run added, step counters) stay."""
+    seen = set()  # a module reachable by two paths (the CLIP under the region encoder) is mixed once
     with torch.no_grad():
         for name, value in model.state_dict().items():
             old = start.get(name)
-            if old is not None and value.is_floating_point() and old.shape == value.shape:
-                value.copy_(torch.lerp(old.to(value.device, value.dtype), value, alpha))
+            if old is None or not value.is_floating_point() or old.shape != value.shape or value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
+            value.copy_(torch.lerp(old.to(value.device, value.dtype), value, alpha))
 
 
 class OldNamesDistill:
