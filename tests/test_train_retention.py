@@ -55,7 +55,7 @@ def test_interpolate_mixes_floating_weights_and_leaves_the_rest():
 def test_report_before_and_after_and_the_written_model_is_the_mix(tiny_shapes, tmp_path):
     """retention.json holds both sets before, fine-tuned and after; model.pt is WiSE-FT's mix of
     the start weights and last.pt's; the preset's own labels gain the trained names."""
-    sections = held_out(tiny_shapes, wise_alpha=0.5)
+    sections = held_out(tiny_shapes, wise_alpha=0.5, eval_images=2)
     cfg = tiny_config(tiny_shapes, tmp_path / "run", optim={"max_steps": 2, "batch_size": 4},
                       train={"ckpt_every": 2, "log_every": 1}, **sections)
     cfg.model.labels = ["purple blob"]
