@@ -2,7 +2,8 @@
 doubtful images, fine-tune on them, and what that costs the starting model's own names.
 
     python benchmarks/bench_loop.py --work runs/bench_loop [--train 500] [--val 200] [--review 50]
-        [--seeds 0,1] [--selections doubt,random] [--arms retained] [--steps 30] [--json F]
+        [--seeds 0,1] [--selections doubt,random] [--arms retained] [--steps 30]
+        [--alphas 0.7] [--json F]
 
 1. Data: ``make-shapes --style alt`` (seed 7) is the user's new domain, its 12 names new to the
    demo model; ``make-shapes`` val (seed 0, 200 images) holds the demo's own 12 names.
@@ -20,7 +21,8 @@ doubtful images, fine-tune on them, and what that costs the starting model's own
    Each run's ``retention.json`` gives the after figures; its "before" is step 2's, written there
    first so that each run does not measure the same start again.
 
-Everything lands under ``--work``; a second call reuses data, labels and finished runs. Prints a
+``--alphas`` scores more WiSE-FT mixes of each run's fine-tuned weights (``last.pt``) with the
+demo's. Everything lands under ``--work``; a second call reuses data, labels and finished runs. Prints a
 table; ``--json`` writes the figures and settings.
 """
 
@@ -151,6 +153,35 @@ def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, 
     return figures
 
 
+def other_alphas(out: Path, sets: dict, alphas: list[float]) -> dict[str, dict]:
+    """The run's fine-tuned weights (``last.pt``) mixed with the demo's at each of ``alphas``,
+    scored as the report scores them; cached in ``OUT/alphas.json``."""
+    from regionclip import RegionCLIP
+    from regionclip.data import CocoDetection, load_split
+    from regionclip.train import evaluate
+    from regionclip.train.retention import interpolate
+    from regionclip.train.state import load_checkpoint
+
+    path = out / "alphas.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for alpha in alphas:
+        if str(alpha) in done:
+            continue
+        model = RegionCLIP.from_pretrained("demo")
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(load_checkpoint(out / "last.pt")["model"])
+        interpolate(model, start, alpha)
+        figures = {}
+        for key, name, split in (("held_out", "shapes", True), ("new", "alt", False)):
+            s = sets[name]
+            ap = evaluate(model, CocoDetection(s["val_annotations"], s["val_images"]),
+                          load_split(s["split"]) if split else None, top_k=1, distractors="none")
+            figures[key] = {k: v for k, v in ap.items() if k in ("overall", "base", "novel")}
+        done[str(alpha)] = figures
+        path.write_text(json.dumps(done, indent=2))
+    return {a: done[a] for a in map(str, alphas)}
+
+
 def row(name: str, figures: dict) -> str:
     new, held = figures.get("new", {}), figures.get("held_out", {})
     cells = [new.get("overall"), held.get("base"), held.get("novel")]
@@ -167,8 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--selections", default="doubt,random", help="doubt, random")
     parser.add_argument("--arms", default="retained", help=f"of {', '.join(ARMS)}")
     parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps of 8 images")
+    parser.add_argument("--alphas", default="", help="more WiSE-FT mixes of each run's fine-tuned weights to "
+                        "score, e.g. 0.7,0.85 (two evaluations each)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    args.alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
 
     start = time.perf_counter()
     sets = make_data(args.work, args.train, args.val)
@@ -189,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if "fine_tuned" in figures:
                     print(row(f"{arm}, {selection}, seed {seed}, before WiSE-FT mixing", figures["fine_tuned"]))
                 print(row(f"{arm}, {selection}, seed {seed}", figures["after"]), flush=True)
+                for alpha, mixed in other_alphas(args.work / "runs" / name, sets, args.alphas).items():
+                    runs[-1].setdefault("alphas", {})[alpha] = mixed
+                    print(row(f"{arm}, {selection}, seed {seed}, WiSE-FT {alpha}", mixed), flush=True)
     out = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "before": before, "runs": runs, "seconds": round(time.perf_counter() - start, 1)}
     if args.json:
