@@ -12,6 +12,24 @@ from regionclip.errors import BadInput
 from .render import console, err_console, progress, warn
 
 
+def retention_table(report: dict, prefix: str = ""):
+    """AP50 per set and part, before and after (and the fine-tuned weights before WiSE-FT mixing)."""
+    from rich.table import Table
+
+    columns = [c for c in ("before", "fine_tuned", "after") if c in report]
+    alpha = report.get("wise_alpha")
+    names = {"before": "before", "fine_tuned": "fine-tuned", "after": f"after (WiSE-FT {alpha})" if alpha and alpha < 1 else "after"}
+    table = Table(title=f"{prefix}retention: AP50", title_justify="left")
+    for title in ["set", *(names[c] for c in columns)]:
+        table.add_column(title)
+    for where, label in (("held_out", "held-out (start's names)"), ("new", "new classes (val)")):
+        for part in ("overall", "base", "novel"):
+            row = [report[c].get(where, {}).get(part) for c in columns]
+            if any(v is not None for v in row):
+                table.add_row(f"{label} {part}", *("" if v is None else f"{v:.1f}" for v in row))
+    return table
+
+
 def train(
     config: Annotated[Path, typer.Argument(help="Training YAML, e.g. configs/train/shapes_demo.yaml.", show_default=False)],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help=(
@@ -58,6 +76,9 @@ def train(
         bar.start()  # on the first event: data and model are built, so config errors print alone
         stage = event.get("stage")
         prefix = f"{stage}: " if stage else ""
+        if "retention" in event:
+            bar.console.print(retention_table(event["retention"], prefix))
+            return
         if "eval" in event:
             figures = event["eval"]
             ap = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if isinstance(v, float))

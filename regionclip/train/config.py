@@ -22,7 +22,8 @@ from typing import Any, Sequence
 from ..config import ModelConfig, from_dict, read_yaml, to_dict
 from ..errors import BadConfig
 from ..objectness import OBJECTNESS
-from .overrides import apply_train_overrides, resolve_paths
+from .overrides import apply_train_overrides, merged, resolve_paths, with_start_model
+from .retention import RetentionConfig
 
 
 @dataclass
@@ -197,6 +198,11 @@ class TrainConfig:
     train: RunConfig = field(default_factory=RunConfig)
     clip: ClipStageConfig = field(default_factory=ClipStageConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # A trained model the run starts from: a preset name, a preset YAML or a finished run's
+    # folder. Its model config (weights included) is the run's, under the keys `model:` sets.
+    from_model: str | None = None
+    # What the fine-tune costs the starting model's own names, and ways to keep them (retention.py).
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     out_dir: str = "runs/train"
 
 
@@ -212,7 +218,7 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = (), out_dir: 
     Raises ``BadConfig`` for unknown keys, wrong types and impossible values, and
     ``BadAnnotations`` (from the data loaders) later for missing or malformed data files.
     """
-    data = apply_train_overrides(resolve_paths(read_yaml(path), path), list(overrides))
+    data = with_start_model(apply_train_overrides(resolve_paths(read_yaml(path), path), list(overrides)))
     cfg = from_dict(TrainConfig, data, where=str(path))
     if out_dir is not None:
         cfg.out_dir = str(out_dir)
@@ -322,7 +328,7 @@ def stage_config(cfg: TrainConfig, index: int, previous: Path | None = None) -> 
         raise BadConfig(f"stages[{index}].start must be previous (the last stage's model) or scratch, not {start!r}")
     data = to_dict(cfg)
     data["stages"] = []
-    data = _merged(data, entry)
+    data = merged(data, entry)
     data["out_dir"] = str(Path(cfg.out_dir) / name)
     if previous is not None:
         if start == "previous":
@@ -331,15 +337,6 @@ def stage_config(cfg: TrainConfig, index: int, previous: Path | None = None) -> 
         if wants_teacher and not data["pretrain"].get("teacher"):
             data["pretrain"]["teacher"] = str(previous / "preset.yaml")
     return from_dict(TrainConfig, data, where=f"stages[{index}]")
-
-
-def _merged(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` merged in at every depth: a stage's ``model: {proposals: {source: x}}``
-    changes that one key and keeps the file's other proposal settings."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
@@ -386,6 +383,14 @@ def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
     if (cfg.stage == "region_pretrain" or lc.caption_regions) and not pc.teacher:
         raise BadConfig(f"{path}: stage region_pretrain and loss.caption_regions need pretrain.teacher "
                         "(a model preset or preset YAML)")
+    rc = cfg.retention
+    if (rc.annotations is None) != (rc.images is None):
+        raise BadConfig(f"{path}: set both retention.annotations and retention.images, or neither")
+    if not 0 <= rc.wise_alpha <= 1 or rc.distill_weight < 0 or rc.top_k < 1:
+        raise BadConfig(f"{path}: retention needs wise_alpha in [0, 1], distill_weight >= 0 and top_k >= 1")
+    if (rc.wise_alpha < 1 or rc.distill_weight > 0) and not rc.annotations:
+        raise BadConfig(f"{path}: retention.wise_alpha and distill_weight need the held-out set "
+                        "(retention.annotations and retention.images) to report what they keep")
     if cfg.clip.image_size is not None and cfg.clip.image_size < 16:
         raise BadConfig(f"{path}: clip.image_size must be at least 16 pixels")
     return cfg

@@ -15,6 +15,7 @@ from ..batch import ImageBatch
 from ..detector import RegionCLIP
 from .config import TrainConfig
 from .losses import box_regression_loss, mean_count
+from .retention import OldNamesDistill
 from .sampling import sample_regions
 from .stages import RegionConceptLoss
 
@@ -26,12 +27,15 @@ class RegionTextLoss(nn.Module):
     fixed embeddings when the text tower does not train (None: embedded every step, with
     gradients). ``captions`` (``loss.caption_regions``): a teacher labels proposals from the
     images' captions; those regions join the batch's, their concepts appended to the vocabulary
-    (the base names first, as the targets count them)."""
+    (the base names first, as the targets count them). ``retain`` (``retention.distill_weight``):
+    called with the step's regions, it returns the loss that keeps the starting model's names."""
 
     def __init__(self, model: RegionCLIP, cfg: TrainConfig, world: int, vocab: list[str],
-                 text_emb: torch.Tensor | None = None, captions: RegionConceptLoss | None = None):
+                 text_emb: torch.Tensor | None = None, captions: RegionConceptLoss | None = None,
+                 retain: OldNamesDistill | None = None):
         super().__init__()
         self.model = model
+        self.retain = retain
         self.cfg = cfg
         self.world = world
         self.vocab = vocab
@@ -50,11 +54,13 @@ class RegionTextLoss(nn.Module):
         boxes, labels, matched, regress = self.regions(proposals, targets, picked)
         text_emb = self.text_emb if self.text_emb is not None else m.text.embed(self.vocab)
         raw = m.embed(batch, boxes, raw=True)
-        logits = m.logits(F.normalize(raw, dim=-1), text_emb, background=True,
-                          scale=m.clip.logit_scale.exp().clamp(max=100))
+        regions, scale = F.normalize(raw, dim=-1), m.clip.logit_scale.exp().clamp(max=100)
+        logits = m.logits(regions, text_emb, background=True, scale=scale)
         # Divide by the global region count so DDP's gradient averaging gives the global mean.
         norm = mean_count(len(labels), self.world, batch.device)
         losses["loss_region_text"] = F.cross_entropy(logits, labels, reduction="sum") / norm
+        if self.retain is not None:
+            losses["loss_retain"] = self.retain(m, batch, boxes, regions, scale)
         if m.box_head is not None and self.cfg.loss.box_regression_weight > 0:
             losses["loss_box_reg"] = self.box_loss(raw, boxes, labels, matched, regress) / norm
         return losses, len(labels)

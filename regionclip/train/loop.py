@@ -36,6 +36,7 @@ from .config import TrainConfig, resolve_resume, stage_config
 from .feed import Feed
 from .finetune import RegionTextLoss
 from .optim import build_model, optimizer_for, schedule, set_trainable
+from .retention import Retention
 from .stages import ImageTextLoss, RegionConceptLoss, Teacher, captioned
 from .state import load_checkpoint, restore_schedule, rng_state, set_rng_state
 
@@ -49,6 +50,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)  # {"step", "base": AP50, "novel": AP50, "overall": AP50}
     model: RegionCLIP | None = None
     out_dir: Path | None = None
+    retention: dict | None = None  # the retention report (retention.json), when retention.annotations is set
 
 
 class Trainer:
@@ -59,7 +61,11 @@ class Trainer:
     ``model.pt`` (``RegionCLIP.save``) with ``preset.yaml`` for ``regionclip detect --model``.
     ``progress`` (rank 0 only) receives ``{"step", "max_steps", "loss", "lr", "img_per_s"}``
     after every step (``loss``: the latest logged one, NaN before the first log step) and
-    ``{"step", "eval": {...}}`` after every evaluation.
+    ``{"step", "eval": {...}}`` after every evaluation. With ``retention.annotations``
+    (``retention.py``): ``retention.json``, ``{"step", "retention": {"before": ...}}`` before the
+    first step and ``{"step", "retention": report}`` at the end, whose measurement of the val
+    set replaces the final validation; ``model.pt`` then holds the WiSE-FT mix when
+    ``retention.wise_alpha`` < 1 (``last.pt``/``best.pt`` the weights as trained).
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None,
@@ -93,6 +99,7 @@ class Trainer:
         self.params = set_trainable(model, run)
         self.optimizer = optimizer_for(self.params, o, model.box_head)
         self.scheduler = schedule(self.optimizer, o.warmup_steps, o.max_steps)
+        self.retention = self._retention()
         self.loss_module = self._loss_module()
         self.step_fn = self.loss_module if self.world == 1 else DistributedDataParallel(
             self.loss_module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
@@ -140,11 +147,26 @@ class Trainer:
         if cfg.loss.caption_regions:
             teacher = Teacher(cfg.pretrain.teacher, self.train_set.pool, self.device)
             labeler = RegionConceptLoss(model, teacher, self.train_set.pool, cfg, world, vocab)
-        loss = RegionTextLoss(model, cfg, world, vocab, captions=labeler)
+        retain = self.retention.distiller(model, cfg.train.train_text_tower) if self.retention else None
+        loss = RegionTextLoss(model, cfg, world, vocab, captions=labeler, retain=retain)
         if not cfg.train.train_text_tower:
             with torch.no_grad(), self.autocast():
                 loss.text_emb = model.text.embed(loss.vocab).float()
         return loss
+
+    def _retention(self) -> Retention | None:
+        """``retention.annotations`` set: the report's sets, scorer and the start weights."""
+        rc = self.cfg.retention
+        if not rc.annotations:
+            return None
+
+        def score(model, dataset, split):
+            with self.autocast():
+                ap = evaluate(model, dataset, split, self.rank, self.world, images=rc.eval_images, top_k=rc.top_k,
+                              distractors=rc.distractors)
+            return {k: v for k, v in ap.items() if k not in EXTRA}
+
+        return Retention(rc, self.model, self.val, self.split, score, self.out, write=self.rank == 0)
 
     def _restore(self, path) -> tuple[int, int, int, float | None]:
         ckpt = load_checkpoint(path)
@@ -226,6 +248,12 @@ class Trainer:
             self.best = ap[key]
             self.checkpoint("best.pt")
 
+    def _retention_event(self, report: dict) -> None:
+        if self.rank == 0:
+            self._write({"step": self.step, "retention": report})
+            if self.progress:
+                self.progress({"step": self.step, "retention": report})
+
     def _write(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -238,6 +266,9 @@ class Trainer:
             return self.result  # finished: nothing to redo
         if self.rank == 0:
             dump_config(self.cfg, self.out / "config.yaml")
+        if self.retention is not None:
+            self._retention_event({"before": self.retention.before(self.model)})
+            set_trainable(self.model, run)  # back to training modes
         while self.step < o.max_steps:
             self.run_step()
             last = self.step == o.max_steps
@@ -250,7 +281,14 @@ class Trainer:
                 self.validate()
             if self.step % run.ckpt_every == 0 or last:
                 self.checkpoint("last.pt")
-        self.validate()
+        if self.retention is None:
+            self.validate()
+        else:  # the report's "after" is the final validation (WiSE-FT mixes the weights first)
+            report = self.retention.after(self.model)
+            self.result.retention = report
+            if "new" in report["after"]:
+                self.result.evals.append({"step": self.step, **report["after"]["new"]})
+            self._retention_event(report)
         if self.rank == 0:
             self._save_model()
         if self.world > 1:
@@ -267,6 +305,9 @@ class Trainer:
         model.save(self.out / "model.pt", box_head=not (run.train_proposals and model.cfg.proposals.source == "rpn"))
         preset = to_dict(model.cfg)
         preset["checkpoint"] = str((self.out / "model.pt").resolve())
+        if preset["labels"]:  # a closed-set model now knows the names it was trained on too
+            names = self.train_set.category_names
+            preset["labels"] = preset["labels"] + [n for n in names if n not in preset["labels"]]
         preset["device"] = "auto"
         preset["regions"]["box_refinement"] = model.box_head is not None
         # Score with the temperature training learned (the checkpoint's logit_scale), as training did.
@@ -317,7 +358,7 @@ EXTRA = ("R50@100", "short_lists")
 
 def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: int = 0,
              world: int = 1, batch_size: int = 8, images: int | None = None,
-             short_lists: int = 0) -> dict[str, float | None]:
+             short_lists: int = 0, top_k: int = 3, distractors=None) -> dict[str, float | None]:
     """Val AP50 (percent) overall and, with a split, on base and novel: ``regionclip eval``'s own
     code; under ``"R50@100"`` the class-agnostic proposal recall at IoU 0.5 within the top 100
     per part (``regionclip/recall.py``). With ``world`` > 1 every process runs its share of the
@@ -325,7 +366,7 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
     as one process would. ``images`` (``train.eval_images``) scores the val images with the
     lowest ids only, the same ones every time. ``short_lists`` N > 0 (one process only) adds
     ``"short_lists"``: the mean precision, recall, AP50 and foreign-label rate of N seeded 3-name
-    lists (``regionclip/shortlists.py``)."""
+    lists (``regionclip/shortlists.py``). ``top_k`` and ``distractors`` as ``regionclip eval`` takes them."""
     model.eval()
     model.text.clear()  # the text tower may have changed since the last cached embeddings
     model.clip_key = None  # nor may distractor embeddings be cached (regionclip/distractors.py)
@@ -338,7 +379,7 @@ def evaluate(model: RegionCLIP, val: CocoDetection, split: dict | None, rank: in
             return parts
     report, _ = evaluate_model(model, first_images(val.coco, images), val.images_dir, split=split, vocabulary=val.category_names,
                                batch_size=batch_size, workers=0, shard=(rank, world), gather=gather,
-                               short_lists=(short_lists, 3, 0) if short_lists and world == 1 else None)
+                               top_k=top_k, distractors=distractors, short_lists=(short_lists, 3, 0) if short_lists and world == 1 else None)
     ap = {part: figures["AP50"] for part, figures in report["map"].items() if part in ("overall", "base", "novel")}
     out = {**ap, "R50@100": {part: row["R50@100"] for part, row in report["proposal_recall"].items()}}
     if "short_lists" in report:

@@ -30,7 +30,8 @@ from ..errors import BadConfig
 
 # Dotted keys that always hold an input path, and those that may instead hold a name.
 INPUT_PATHS = ("data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images",
-               "data.split", "data.train_captions", "data.concepts", "model.checkpoint")
+               "data.split", "data.train_captions", "data.concepts", "model.checkpoint",
+               "retention.annotations", "retention.images", "retention.split")
 NAME_OR_PATH = ("model.clip_pretrained", "model.detector_weights", "pretrain.teacher")
 
 
@@ -64,6 +65,34 @@ def resolve_paths(data: dict[str, Any], config: str | Path) -> dict[str, Any]:
     out = _resolve_section(data, config)
     if isinstance(out.get("stages"), list):
         out["stages"] = [_resolve_section(s, config) if isinstance(s, dict) else s for s in out["stages"]]
+    return out
+
+
+def with_start_model(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with ``from_model``'s config (a preset name, preset YAML or run folder; read where
+    ``--model`` reads it) under its ``model`` section: keys the file or ``--set`` gives win.
+    A top-level ``from_model`` that is not a string is left for the type check."""
+    spec = data.get("from_model")
+    if not isinstance(spec, str) or not spec:
+        return data
+    from ..config import run_preset_path, to_dict
+    from ..model import resolve_model_config
+
+    preset = str(run_preset_path(spec) or spec)
+    try:
+        start = to_dict(resolve_model_config(preset))
+    except BadConfig as exc:
+        raise BadConfig(f"from_model {spec}: {exc}") from None
+    own = data.get("model") if isinstance(data.get("model"), dict) else {}
+    return {**data, "model": merged(start, own)}
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in at every depth: a stage's ``model: {proposals: {source: x}}``
+    changes that one key and keeps the file's other proposal settings."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
