@@ -2,7 +2,7 @@
 
 The predictor feeds a backend (``backend.TorchBackend`` over a ``RegionCLIPModel``, or the ONNX
 runtime ``onnx.runtime.OnnxDetector``): it decodes images in ``DataLoader`` workers a chunk
-ahead, hands the backend one chunk of ``batch_size`` consecutive inputs at a time, and yields
+ahead (``decoding``), hands the backend one chunk of ``batch_size`` consecutive inputs at a time, and yields
 one ``Prediction`` per input, in input order. Memory holds a few chunks, never the whole input
 list, so a folder of a million images streams like one of ten. It also owns the vocabulary
 (labels or stored embeddings, resolved once per call) and the scoring overrides.
@@ -13,7 +13,6 @@ bulk labelling, a server); ``detect`` and ``classify`` collect it into lists.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -22,12 +21,12 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .decoding import Item as _Item
+from .decoding import decoded_chunks
 from .detections import Detections
 from .errors import BadImage, BadInput
-from .io import LoadedImage, load_reduced
-from .tiles import TiledImage, Tiling, check_tiling, detect_tiled, load_tiled
+from .tiles import TiledImage, Tiling, check_tiling, detect_tiled
 
 
 @dataclass
@@ -77,87 +76,9 @@ class ResolvedVocabulary(NamedTuple):
     rules: Any = None
 
 
-@dataclass
-class _Item:
-    index: int
-    source: Any
-    loaded: LoadedImage | None
-    error: str | None
-    boxes: Any = None
-
-
-class _Decoded(IterableDataset):
-    """Chunks of ``chunk`` consecutive sources, decoded. Worker w of W takes chunks w, w + W, ...;
-    the DataLoader asks its workers in turn, so chunks come back in input order."""
-
-    def __init__(self, sources: Iterable, boxes: Iterable | None, chunk: int, max_side: int | None,
-                 tiling: Tiling | None = None):
-        self.sources, self.boxes, self.chunk, self.max_side = sources, boxes, chunk, max_side
-        self.tiling = tiling
-
-    def __iter__(self) -> Iterator[list[_Item]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        pairs = zip(self.sources, self.boxes if self.boxes is not None else itertools.repeat(None))
-        index = itertools.count()
-        for k in itertools.count():
-            part = list(itertools.islice(zip(index, pairs), self.chunk))
-            if not part:
-                return
-            if k % workers == worker:
-                yield [self._decode(i, source, boxes) for i, (source, boxes) in part]
-
-    def _decode(self, i: int, source, boxes) -> _Item:
-        loaded, error = decode(source, self.max_side, self.tiling)
-        return _Item(i, source, loaded, error, boxes)
-
-
-def decode(source, max_side: int | None, tiling=None) -> tuple[LoadedImage | None, str | None]:
-    """``(loaded, None)``, or ``(None, why)`` for a source that cannot be decoded: what the
-    predictor's workers do to each source (``max_side``: the backend's ``input_max_side``), for a
-    pipeline that decodes in a stage of its own and streams the ``LoadedImage`` s. With ``tiling``
-    (``tiles.Tiling``) an image larger than a window is only opened (``tiles.TiledImage``)."""
-    try:
-        if tiling is not None:
-            return load_tiled(source, tiling, max_side), None
-        return load_reduced(source, max_side), None
-    except BadImage as exc:
-        return None, str(exc)
-
-
 # detect() and classify() of a list group this many images by aspect ratio at a time: as the whole
 # list for lists this long (how they batched before streaming), a bounded memory for longer ones.
 LIST_WINDOW = 64
-
-
-def _as_is(chunk):
-    return chunk
-
-
-class _DieWithParent:
-    """A DataLoader ``worker_init_fn``: on Linux the kernel kills the worker when the process that
-    made it dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``; strictly, when the thread that started it
-    ends). A parent killed by SIGKILL (a scheduler, the OOM killer) runs no clean-up, and a worker
-    whose queue is full then hangs at exit for ever, joining its feeder thread, holding its memory.
-    A no-op elsewhere."""
-
-    def __init__(self) -> None:
-        self.parent = os.getpid()
-
-    def __call__(self, worker_id: int) -> None:
-        import sys
-
-        if not sys.platform.startswith("linux"):
-            return
-        import ctypes
-        import signal
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != self.parent:  # the parent died before the line above: no signal will come
-            os._exit(1)
 
 
 def _check_count(name: str, value, least: int) -> int:
@@ -283,9 +204,7 @@ class Predictor:
         size = _check_count("batch_size", self.batch_size if batch_size is None else batch_size, 1)
         workers = _check_count("num_workers", self.num_workers if num_workers is None else num_workers, 0)
         chunk = size if window is None else max(size, _check_count("window", window, 1))
-        dataset = _Decoded(sources, boxes, chunk, self.backend.input_max_side, tiling)
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                               worker_init_fn=_DieWithParent() if workers else None)), size
+        return decoded_chunks(sources, boxes, chunk, self.backend.input_max_side, workers, tiling), size
 
     def stream(self, sources: Iterable, labels: Sequence[str] | None = None, *, boxes: Iterable | None = None,
                text_embeddings=None, batch_size: int | None = None, num_workers: int | None = None,

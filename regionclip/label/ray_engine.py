@@ -53,7 +53,7 @@ def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int,
     """Stage 2 (a Ray task): for each shard row, its images decoded, ``batch`` at a time (with
     ``tiling``, an image larger than a window only opened for its size: its actor decodes it at
     the scale the windows need, so it never travels whole)."""
-    from ..predictor import decode
+    from ..decoding import decode
 
     for index, start, stop in zip(rows["shard"], rows["start"], rows["stop"]):
         shard = Shard(int(index), int(start), int(stop))
