@@ -123,6 +123,16 @@ def image_priority(scores, margins=None, threshold_gaps=None, near_miss: float |
     return float(max(doubts.max(initial=0.0), near_miss or 0.0))
 
 
+def detections_priority(d) -> float | None:
+    """The review priority of one image's ``Detections`` from its figures; None where the
+    backend gave none (the ONNX runtime)."""
+    if d.doubt is None:
+        return None
+    f = d.doubt.cpu()
+    return image_priority(d.scores.float().cpu().numpy(), f.margins.float().numpy(), f.threshold_gaps.float().numpy(),
+                          float(f.near_miss))
+
+
 def run_threshold(results: Results) -> float:
     """The score threshold a run used (its manifest's scoring), 0 when it did not record one."""
     scoring = results.meta.get("scoring") if isinstance(results.meta, dict) else None

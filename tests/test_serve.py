@@ -120,7 +120,7 @@ def test_paths_when_allowed(demo, tmp_path):
         assert r.status_code == 400 and "no such file" in r.json()["error"]
 
 
-def test_label_studio_endpoints(client):
+def test_label_studio_endpoints(client, demo):
     assert client.get("/health").json()["status"] == "UP"
     config = config_xml(["red circle", "green square"], from_name="box", to_name="img")
     r = client.post("/setup", json={"project": "3.1700000000", "schema": config})
@@ -141,6 +141,11 @@ def test_label_studio_endpoints(client):
         box = [v["x"] * 1.6, v["y"] * 1.2, (v["x"] + v["width"]) * 1.6, (v["y"] + v["height"]) * 1.2]
         np.testing.assert_allclose(box, d["box_xyxy"], atol=0.02)
         assert v["rectanglelabels"] == [d["label"]] and res["score"] == pytest.approx(d["score"], abs=1e-4)
+    # the prediction's score: 1 - the image's review priority, so Label Studio lists the least sure first
+    from regionclip.doubt import detections_priority
+
+    want = 1.0 - detections_priority(demo.detect(shapes_image(120, 160), ["red circle", "green square"]))
+    assert first["score"] == pytest.approx(want, abs=1e-5) and second["score"] == 0.0
 
 
 def test_label_studio_bad_bodies(client):

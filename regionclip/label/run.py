@@ -257,14 +257,13 @@ def row_of(net, p, embeddings: bool, LoadedImage, summary: LabelSummary) -> dict
 def doubt_columns(d) -> dict:
     """The doubt columns of ``d`` (CPU ``Detections``): its figures and the image's priority, or
     nulls where the backend gave none (the ONNX runtime)."""
-    from ..doubt import image_priority
+    from ..doubt import detections_priority
 
     if d.doubt is None:
         return {"margins": None, "threshold_gaps": None, "near_miss": None, "priority": None}
-    margins, gaps = d.doubt.margins.float().numpy(), d.doubt.threshold_gaps.float().numpy()
-    near = float(d.doubt.near_miss)
-    return {"margins": margins.astype(np.float32), "threshold_gaps": gaps.astype(np.float32), "near_miss": near,
-            "priority": image_priority(d.scores.float().numpy(), margins, gaps, near)}
+    return {"margins": d.doubt.margins.float().numpy().astype(np.float32),
+            "threshold_gaps": d.doubt.threshold_gaps.float().numpy().astype(np.float32),
+            "near_miss": float(d.doubt.near_miss), "priority": detections_priority(d)}
 
 
 def scoring_identity(cfg, overrides: dict) -> dict:

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException
 
 from ..convert.labelstudio import prediction
+from ..doubt import detections_priority
 from ..errors import BadImage, BadInput, RegionClipError
 from ..io import load_image
 from ..labels import check_labels
@@ -315,8 +316,12 @@ def create_app(predictor, *, model_name: str = "regionclip", limits: Limits | No
                 _cancel(waiting[i + 1:])
                 raise
             h, w = pixels.shape[:2]
+            # Label Studio's data manager sorts by prediction score, lowest first: the least sure
+            # image (highest review priority, regionclip.doubt) first, as `convert --doubt-first`.
+            priority = detections_priority(d)
             out.append(prediction(d.boxes_xyxy.numpy(), d.names, d.scores.numpy(), w, h, from_name=config.from_name,
-                                  to_name=config.to_name, model_version=model_name))
+                                  to_name=config.to_name, model_version=model_name,
+                                  score=None if priority is None else 1.0 - priority))
         return out
 
     return app
