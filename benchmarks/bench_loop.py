@@ -69,17 +69,24 @@ def measure_start(work: Path, sets: dict) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     from regionclip import RegionCLIP
+
+    figures = score_both(RegionCLIP.from_pretrained("demo"), sets)
+    path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def score_both(model, sets: dict) -> dict:
+    """AP of ``model`` on the held-out shapes val (its base / novel split) and the new alt val, one
+    label per box, without distractors (the demo's own names would take every alt box)."""
     from regionclip.data import CocoDetection, load_split
     from regionclip.train import evaluate
 
-    model = RegionCLIP.from_pretrained("demo")
     figures = {}
     for key, name, split in (("held_out", "shapes", True), ("new", "alt", False)):
         s = sets[name]
         ap = evaluate(model, CocoDetection(s["val_annotations"], s["val_images"]),
                       load_split(s["split"]) if split else None, top_k=1, distractors="none")
         figures[key] = {k: v for k, v in ap.items() if k in ("overall", "base", "novel")}
-    path.write_text(json.dumps(figures, indent=2))
     return figures
 
 
@@ -157,8 +164,6 @@ def other_alphas(out: Path, sets: dict, alphas: list[float]) -> dict[str, dict]:
     """The run's fine-tuned weights (``last.pt``) mixed with the demo's at each of ``alphas``,
     scored as the report scores them; cached in ``OUT/alphas.json``."""
     from regionclip import RegionCLIP
-    from regionclip.data import CocoDetection, load_split
-    from regionclip.train import evaluate
     from regionclip.train.retention import interpolate
     from regionclip.train.state import load_checkpoint
 
@@ -171,13 +176,7 @@ def other_alphas(out: Path, sets: dict, alphas: list[float]) -> dict[str, dict]:
         start = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(load_checkpoint(out / "last.pt")["model"])
         interpolate(model, start, alpha)
-        figures = {}
-        for key, name, split in (("held_out", "shapes", True), ("new", "alt", False)):
-            s = sets[name]
-            ap = evaluate(model, CocoDetection(s["val_annotations"], s["val_images"]),
-                          load_split(s["split"]) if split else None, top_k=1, distractors="none")
-            figures[key] = {k: v for k, v in ap.items() if k in ("overall", "base", "novel")}
-        done[str(alpha)] = figures
+        done[str(alpha)] = score_both(model, sets)
         path.write_text(json.dumps(done, indent=2))
     return {a: done[a] for a in map(str, alphas)}
 
