@@ -30,6 +30,11 @@ def make_shapes(
     max_objects: Annotated[Optional[int], typer.Option(help=(
         "Most objects per image, each image drawing 1 to this many (default: the style's, 6; 8 for alt)."),
         show_default=False)] = None,
+    others: Annotated[int, typer.Option(help=(
+        "Up to this many more objects per image that are none of the classes (ellipses, diamonds, rings, "
+        "half-discs, and the style's shapes in lime, teal, azure, violet or magenta), annotated as category "
+        "'other' and never captioned: hard negatives for training's data.negative_categories. Everything "
+        "else in the set stays as without them."))] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Write into OUT_DIR even when it holds files (written over, none removed); without it a "
         "non-empty OUT_DIR is refused."))] = False,
@@ -55,7 +60,8 @@ def make_shapes(
     try:
         paths = write_shapes(out_dir, n_train=train, n_val=val, seed=seed, image_size=(min_side, max_side),
                              progress=report, captions_per_image=captions_per_image, style=style,
-                             overwrite=overwrite, object_size=object_size, max_objects=max_objects)
+                             overwrite=overwrite, object_size=object_size, max_objects=max_objects,
+                             others=others)
     finally:
         bar.stop()
     console.print(f"[bold]{train}[/] train and [bold]{val}[/] val images in {out_dir}")

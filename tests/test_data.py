@@ -127,6 +127,46 @@ def test_alt_style_is_another_world_with_its_own_split(tmp_path):
     assert data["info"]["style"] == "alt"
 
 
+
+@pytest.mark.parametrize("style", ["shapes", "alt"])
+def test_others_are_none_of_the_categories_and_change_nothing_else(style):
+    """make-shapes --others: objects of other shapes and colours, named "other", drawn after the
+    rest; every other object, box and pixel is the one the image has without them."""
+    from regionclip.data.shapes import OTHER_NAME, STYLES
+
+    seen = 0
+    for i in range(6):
+        plain_rgb, plain = render_shapes_image(np.random.default_rng([5, i]), (160, 200), style=style)
+        rgb, objects = render_shapes_image(np.random.default_rng([5, i]), (160, 200), style=style, others=3)
+        assert objects[:len(plain)] == plain and all(name == OTHER_NAME for _, name in objects[len(plain):])
+        changed = np.zeros(rgb.shape[:2], bool)
+        for (x1, y1, x2, y2), _ in objects[len(plain):]:
+            changed[max(0, y1 - 2):y2 + 2, max(0, x1 - 2):x2 + 2] = True  # anti-aliasing spills a pixel
+        assert (rgb[~changed] == plain_rgb[~changed]).all()
+        seen += len(objects) - len(plain)
+    assert seen >= 3
+    assert OTHER_NAME not in STYLES[style].categories
+
+
+def test_others_are_annotated_as_their_own_category_and_never_captioned(tmp_path):
+    plain = make_shapes(tmp_path / "a", n_train=0, n_val=6, seed=2, image_size=(128, 160))
+    more = make_shapes(tmp_path / "b", n_train=0, n_val=6, seed=2, image_size=(128, 160), others=2)
+    a, b = (json.loads(p["val_annotations"].read_text()) for p in (plain, more))
+    assert [c["name"] for c in b["categories"]] == CATEGORIES + ["other"] and b["info"]["others"] == 2
+    other = len(CATEGORIES) + 1
+    key = lambda ann: (ann["image_id"], ann["category_id"], ann["bbox"])  # noqa: E731
+    assert sorted(map(key, a["annotations"])) == sorted(key(x) for x in b["annotations"] if x["category_id"] != other)
+    assert any(x["category_id"] == other for x in b["annotations"])
+    assert plain["val_captions"].read_text() == more["val_captions"].read_text()
+    # Training reads them as hard negatives: label -1 beside the kept categories' labels.
+    data = CocoDetection(more["val_annotations"], more["val_images"], BASE, negatives=["other"])
+    labels = torch.cat([data[i][1]["labels"] for i in range(len(data))])
+    assert (labels == -1).any() and labels.max() < len(BASE) and set(labels.tolist()) <= set(range(-1, len(BASE)))
+    with pytest.raises(BadConfig, match="negative category 'others' is not in"):
+        CocoDetection(more["val_annotations"], more["val_images"], BASE, negatives=["others"])
+    with pytest.raises(BadConfig, match="'red circle' is both a category and a negative category"):
+        CocoDetection(more["val_annotations"], more["val_images"], BASE, negatives=["red circle"])
+
 def test_unknown_style_is_refused_before_drawing(tmp_path):
     from regionclip.errors import BadInput
 

@@ -98,6 +98,13 @@ def gt_box_accuracy(model: RegionCLIP, shapes) -> float:
     probs = model.classify(files, BASE, boxes)
     return float((torch.cat([p.argmax(dim=1) for p in probs]) == labels).float().mean())
 
+    # A hard negative's box (label -1: none of the names) and the proposals on it are background.
+    targets = [{"boxes": gt, "labels": torch.tensor([3, -1])}]
+    boxes, labels, _ = sample_regions(proposals, targets, LossConfig(positive_samples=10, background_samples=10), background=12)
+    by_box = {tuple(b.tolist()): int(l) for b, l in zip(boxes[0], labels)}
+    assert by_box[(100.0, 100.0, 140.0, 140.0)] == 12 and by_box[(100.0, 100.0, 140.0, 150.0)] == 12
+    assert by_box[(12.0, 12.0, 50.0, 50.0)] == 3 and labels.min() >= 0
+
 
 def test_loop_learns(tiny_shapes, tmp_path):
     """30 steps on 16 images: the loss falls and the training set's base boxes are classified far

@@ -430,3 +430,35 @@ def test_caption_regions_reach_the_rpn_as_positives_and_ignore_regions(shaped, t
     assert len(handed) == 3 and sum(len(b) for boxes in picked for b in boxes) > 0
     for (ignore, positives), boxes, sampled in zip(handed, picked, ignore_seen):
         assert ignore is positives is boxes is sampled
+
+
+def test_hard_negatives_train_as_background_beside_caption_regions(clip_model, tmp_path, monkeypatch):
+    """data.negative_categories (make-shapes --others' "other"): their boxes reach the region loss
+    as background, never as a name, and the caption teacher leaves them alone."""
+    import regionclip.train.finetune as loop
+    from regionclip.data import make_shapes
+
+    shapes = make_shapes(tmp_path / "data", n_train=8, n_val=0, seed=3, image_size=(96, 96), others=3)
+    seen = []
+    real_sample = loop.sample_regions
+
+    def spy(proposals, targets, lc, background, ignore=None):
+        out = real_sample(proposals, targets, lc, background, ignore=ignore)
+        seen.append((targets, (list(out[0]), out[1]), background))  # the caller extends its lists in place
+        return out
+
+    monkeypatch.setattr(loop, "sample_regions", spy)
+    cfg = _stage({**shapes, "split": shapes["split"]}, tmp_path / "run", "finetune", optim={"max_steps": 2},
+                 data={"negative_categories": ["other"]}, loss={"caption_regions": True, "box_regression_weight": 1.0,
+                                                                "box_head_hidden": 8},
+                 pretrain={"teacher": str(clip_model / "preset.yaml"), "proposals_per_image": 8, "use_boxes": True})
+    result = train(cfg)
+    assert all(math.isfinite(x) for x in result.losses)
+    negatives = 0
+    for targets, (boxes, labels), background in seen:
+        for t, b, lab in zip(targets, boxes, labels.split([len(b) for b in boxes])):
+            neg = t["labels"] < 0
+            negatives += int(neg.sum())
+            # GT boxes come first among an image's regions, in the targets' order.
+            assert (lab[:len(t["labels"])][neg] == background).all() and (lab >= 0).all()
+    assert negatives > 0

@@ -60,6 +60,10 @@ def _read_coco(path: Path) -> COCO:
     return coco
 
 
+# The label of a hard-negative box (``CocoDetection(negatives=...)``): none of the categories.
+NEGATIVE = -1
+
+
 class CocoDetection(Dataset):
     """Images and boxes of a COCO instances file, optionally restricted to some categories.
 
@@ -69,7 +73,7 @@ class CocoDetection(Dataset):
       is at most ``max_side`` when given. uint8 because loaders send it to the device a quarter
       the bytes of float32; ``to_float`` makes the model's [0, 1] floats there.
     - ``target``: ``{"boxes": (N, 4) float32 xyxy in pixels of the RETURNED image,
-      "labels": (N,) int64 indices into ``category_names``, "image_id": int,
+      "labels": (N,) int64 indices into ``category_names`` (``NEGATIVE`` for a hard negative), "image_id": int,
       "orig_size": (H, W) of the file, "dropped": boxes lost to the transforms}``. An image
       without kept boxes gives ``boxes`` (0, 4).
 
@@ -85,6 +89,8 @@ class CocoDetection(Dataset):
         images_dir: folder the images' ``file_name`` entries are relative to.
         categories: names to keep, in label order (e.g. a split's ``base`` list); annotations of
             other categories are dropped. ``None`` keeps every category, ordered by COCO id.
+        negatives: categories whose boxes are kept as hard negatives, things that are none of
+            ``categories``: labelled ``NEGATIVE`` (-1), which training learns as background.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class CocoDetection(Dataset):
         train: bool = False,
         max_side: int | None = None,
         hflip_prob: float = 0.5,
+        negatives: Sequence[str] = (),
     ) -> None:
         if max_side is not None and max_side < 1:
             raise BadInput(f"max_side must be a positive number of pixels or None, but got {max_side}")
@@ -118,8 +125,15 @@ class CocoDetection(Dataset):
                     close = difflib.get_close_matches(name, list(id_by_name), n=1)
                     hint = f"did you mean '{close[0]}'?" if close else f"known: {sorted(id_by_name)[:20]}"
                     raise BadConfig(f"category '{name}' is not in {self.annotations_path}; {hint}")
+        for name in negatives:
+            if name not in id_by_name:
+                raise BadConfig(f"negative category '{name}' is not in {self.annotations_path}; "
+                                f"known: {sorted(id_by_name)[:20]}")
+            if name in names:
+                raise BadConfig(f"'{name}' is both a category and a negative category")
         self._names = names
         label_by_cat_id = {id_by_name[n]: k for k, n in enumerate(names)}
+        label_by_cat_id.update({id_by_name[n]: NEGATIVE for n in negatives})
 
         # Parsed once: per image (id, file name, boxes xyxy, labels) in image-id order.
         self._records: list[tuple[int, str, np.ndarray, np.ndarray]] = []

@@ -50,6 +50,22 @@ CLUTTER_COLOURS: list[tuple[int, int, int]] = [
     (120, 50, 140), (170, 110, 190),  # purples
 ]
 
+# "Others": objects that are none of the categories (``make_shapes(others=N)``), annotated under
+# OTHER_NAME so training can learn "none of these" (``data.negative_categories``). Their colours
+# and shapes are neither the default world's nor the alt world's, so alt stays a world training
+# never saw: hues at least 15 degrees from all eight named colours, shapes unlike star, hexagon
+# and cross. A third are other shapes in target colours, a third target shapes in other colours,
+# a third both other.
+OTHER_NAME = "other"
+OTHER_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (150, 225, 40),  # lime, hue ~85
+    (30, 165, 140),  # teal, hue ~172
+    (40, 150, 235),  # azure, hue ~206
+    (100, 55, 225),  # violet, hue ~256
+    (215, 40, 205),  # magenta, hue ~303
+)
+OTHER_SHAPES: tuple[str, ...] = ("ellipse", "diamond", "ring", "half-disc")
+
 MIN_SHAPE_PX = 16  # smallest object side; below this a colour/shape call is guesswork
 MAX_SHAPE_FRAC = 0.4  # largest object side as a fraction of the image's shorter side
 MAX_PAIR_IOU = 0.1  # shapes may touch and overlap slightly, never hide each other
@@ -158,8 +174,10 @@ def _shape_mask(rng: np.random.Generator, shape: str, h: int, w: int, side: int)
     pad = int(r) + 4  # anti-aliasing spills a pixel past the shape
     x0, y0 = max(0, round(cx) - pad), max(0, round(cy) - pad)
     mask = np.zeros((min(h, round(cy) + pad + 1) - y0, min(w, round(cx) + pad + 1) - x0), np.uint8)
-    if shape == "circle":
+    if shape in ("circle", "ring"):
         cv2.circle(mask, (round(cx) - x0, round(cy) - y0), max(int(r), 1), 255, -1, cv2.LINE_AA)
+        if shape == "ring":  # the hole shows the background: an outline, not a disc
+            cv2.circle(mask, (round(cx) - x0, round(cy) - y0), max(int(r * 0.55), 1), 0, -1, cv2.LINE_AA)
         return mask, x0, y0
     if shape == "square":
         # A small tilt only: at 45 degrees a square becomes a diamond, which is a different name.
@@ -197,6 +215,14 @@ def _outline(rng: np.random.Generator, shape: str, r: float) -> tuple[list[float
             angles += [a - half, a + half, a + np.pi / 4]
             radii += [np.hypot(1.0, 3.0) * r / 3, np.hypot(1.0, 3.0) * r / 3, inner]
         return angles, np.array(radii)
+    if shape == "ellipse":  # axes 1 : 0.5, turned at random
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        radii = r * 0.5 / np.sqrt((0.5 * np.cos(t)) ** 2 + np.sin(t) ** 2)
+        return list(angle + t), radii
+    if shape == "diamond":  # a rhombus with diagonals 1 : 0.6: never a tilted square
+        return [angle + k * np.pi / 2 for k in range(4)], np.array([r, 0.6 * r] * 2)
+    if shape == "half-disc":
+        return list(angle + np.linspace(0, np.pi, 17)), np.full(17, r)
     raise BadInput(f"unknown shape {shape!r}")
 
 
@@ -214,6 +240,7 @@ def render_shapes_image(
     max_objects: int | None = None,
     empty_prob: float = EMPTY_PROB,
     style: Style | str = "shapes",
+    others: int = 0,
 ) -> tuple[np.ndarray, list[tuple[tuple[int, int, int, int], str]]]:
     """Draw one image of coloured shapes on a cluttered background.
 
@@ -224,6 +251,9 @@ def render_shapes_image(
             None: the style's.
         empty_prob: chance of an image with no shapes at all.
         style: a ``Style`` or a name in ``STYLES``: what the objects and background look like.
+        others: up to this many more objects (0 to ``others``, drawn after the rest, so the
+            image's other objects and boxes do not change) that are none of the categories
+            (``OTHER_COLOURS``, ``OTHER_SHAPES``), named ``OTHER_NAME``.
 
     Returns:
         ``(rgb, objects)``: ``rgb`` is an HxWx3 uint8 RGB array; ``objects`` lists
@@ -244,25 +274,53 @@ def render_shapes_image(
     if style.max_px is not None:
         max_side = max(style.min_px + 1, min(max_side, style.max_px))
     for _ in range(n):
-        for _attempt in range(30):
-            # Log-uniform sizes: as many small objects as large ones, as in real detection data.
-            side = int(np.exp(rng.uniform(np.log(style.min_px), np.log(max_side))))
-            colour, shape = _draw_category(rng, style)
-            mask, x0, y0 = _shape_mask(rng, shape, h, w, side)
-            ys, xs = np.nonzero(mask >= 128)
-            if len(xs) == 0:
-                continue
-            box = (int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + 1 + x0, int(ys.max()) + 1 + y0)
-            if all(_iou(box, other) <= MAX_PAIR_IOU for other, _ in objects):
-                break
-        else:
-            continue  # no room left for this one; fewer objects is fine
-        rgb = np.clip(np.array(style.colours[colour]) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
-        alpha = mask.astype(np.float32)[..., None] / 255.0
-        part = img[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]  # outside the mask the blend is the identity
-        part[...] = (part * (1 - alpha) + rgb[None, None].astype(np.float32) * alpha + 0.5).astype(np.uint8)
-        objects.append((box, f"{colour} {shape}"))
+        placed = _place(rng, style, objects, h, w, max_side, lambda: _draw_category(rng, style))
+        if placed is not None:
+            box, mask, x0, y0, (colour, shape) = placed
+            _paint(rng, img, mask, x0, y0, style.colours[colour])
+            objects.append((box, f"{colour} {shape}"))
+    for _ in range(int(rng.integers(0, others + 1)) if others else 0):
+        placed = _place(rng, style, objects, h, w, max_side, lambda: _draw_other(rng, style))
+        if placed is not None:
+            box, mask, x0, y0, (rgb, _shape) = placed
+            _paint(rng, img, mask, x0, y0, rgb)
+            objects.append((box, OTHER_NAME))
     return img, objects
+
+
+def _place(rng, style: Style, objects, h: int, w: int, max_side: int, draw):
+    """``(box, mask, x0, y0, what)`` for the next object, ``what = draw()`` (its colour and
+    shape), placed where it overlaps no earlier object by more than ``MAX_PAIR_IOU``; None when
+    30 tries found no room (fewer objects is fine)."""
+    for _attempt in range(30):
+        # Log-uniform sizes: as many small objects as large ones, as in real detection data.
+        side = int(np.exp(rng.uniform(np.log(style.min_px), np.log(max_side))))
+        what = draw()
+        mask, x0, y0 = _shape_mask(rng, what[1], h, w, side)
+        ys, xs = np.nonzero(mask >= 128)
+        if len(xs) == 0:
+            continue
+        box = (int(xs.min()) + x0, int(ys.min()) + y0, int(xs.max()) + 1 + x0, int(ys.max()) + 1 + y0)
+        if all(_iou(box, other) <= MAX_PAIR_IOU for other, _ in objects):
+            return box, mask, x0, y0, what
+    return None
+
+
+def _paint(rng, img: np.ndarray, mask: np.ndarray, x0: int, y0: int, colour) -> None:
+    """Blend ``colour`` (jittered per channel) into ``img`` through ``mask``, in place."""
+    rgb = np.clip(np.array(colour) + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
+    alpha = mask.astype(np.float32)[..., None] / 255.0
+    part = img[y0:y0 + mask.shape[0], x0:x0 + mask.shape[1]]  # outside the mask the blend is the identity
+    part[...] = (part * (1 - alpha) + rgb[None, None].astype(np.float32) * alpha + 0.5).astype(np.uint8)
+
+
+def _draw_other(rng: np.random.Generator, style: Style) -> tuple[tuple[int, int, int], str]:
+    """``(rgb, shape)`` of an object that is none of ``style``'s categories."""
+    kind = int(rng.integers(3))  # 0: other shape, target colour; 1: target shape, other colour; 2: both other
+    shape = style.shapes[int(rng.integers(len(style.shapes)))] if kind == 1 else \
+        OTHER_SHAPES[int(rng.integers(len(OTHER_SHAPES)))]
+    palette = list(style.colours.values()) if kind == 0 else list(OTHER_COLOURS)
+    return tuple(palette[int(rng.integers(len(palette)))]), shape
 
 
 def get_style(style: Style | str) -> Style:
@@ -303,6 +361,7 @@ def make_shapes(
     overwrite: bool = False,
     object_size: tuple[int, int] | None = None,
     max_objects: int | None = None,
+    others: int = 0,
 ) -> dict[str, Path]:
     """Write the shapes data set: JPEGs, COCO annotations, captions and the base/novel split.
 
@@ -328,6 +387,11 @@ def make_shapes(
             large images that tiled detection is for. None: the style's.
         max_objects: at most this many objects per image (each image draws 1 to this many);
             None: the style's.
+        others: up to this many objects per image that are none of the categories (other
+            shapes and colours: ``render_shapes_image``), annotated as category ``OTHER_NAME``
+            (id 13 on the default world) and never captioned: hard negatives for
+            ``data.negative_categories``. Every other object, box and caption is the same as
+            without them. 0 (the default): none, and no such category.
 
     Returns:
         Paths keyed ``train_images``, ``val_images``, ``train_annotations``,
@@ -351,7 +415,9 @@ def make_shapes(
         if int(max_objects) < 1:
             raise BadInput(f"max_objects must be at least 1, but got {max_objects}")
         style = dataclasses.replace(style, max_objects=int(max_objects))
-    categories = style.categories
+    if others < 0:
+        raise BadInput(f"others must be >= 0, but got {others}")
+    categories = style.categories + ([OTHER_NAME] if others else [])
     if n_train < 0 or n_val < 0:
         raise BadInput(f"image counts must be >= 0, but got train={n_train} val={n_val}")
     if lo < 64 or hi < lo:
@@ -385,7 +451,7 @@ def make_shapes(
         for i in range(count):
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
             h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
-            img, objects = render_shapes_image(rng, (h, w), style=style)
+            img, objects = render_shapes_image(rng, (h, w), style=style, others=others)
             file_name = f"{i:06d}.jpg"
             target = paths[f"{split}_images"] / file_name
             if not cv2.imwrite(str(target), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95]):
@@ -405,7 +471,7 @@ def make_shapes(
                 # A generator of its own, not the image's: the image's stream stays what rendering
                 # alone draws, so pixels and boxes cannot depend on the caption count or templates.
                 caption_rng = np.random.default_rng([seed, _SPLIT_CODES[split], i, 1])
-                texts = shape_captions([name for _, name in objects], caption_rng, captions_per_image,
+                texts = shape_captions([name for _, name in objects if name != OTHER_NAME], caption_rng, captions_per_image,
                                        background_word(img))
                 for text in texts:
                     captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
@@ -416,7 +482,8 @@ def make_shapes(
             "info": {"description": f"regionclip synthetic shapes ({split})", "seed": seed,
                      **({"style": style_name} if not default_world else {}),
                      **({"object_size": [style.min_px, style.max_px]} if object_size is not None else {}),
-                     **({"max_objects": style.max_objects} if max_objects is not None else {})},
+                     **({"max_objects": style.max_objects} if max_objects is not None else {}),
+                     **({"others": others} if others else {})},
             "images": images,
             "annotations": annotations,
             "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(categories)],

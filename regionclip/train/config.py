@@ -34,6 +34,10 @@ class DataConfig:
     val_images: str | None = None
     split: str | None = None  # base/novel YAML; None trains and reports on every category
     use_base_only: bool = True  # drop novel boxes from training: they are what the model must find unseen
+    # Categories whose boxes are none of the vocabulary (e.g. make-shapes --others' "other"): their
+    # regions train as background, so a box that is something else learns to score low against
+    # every name ("none of these"), not to take the nearest one.
+    negative_categories: list[str] = field(default_factory=list)
     max_side: int | None = 320  # training images are downscaled to this longer side
     hflip_prob: float = 0.5
     # COCO Captions JSON of the training images (the clip and region_pretrain stages); None reads

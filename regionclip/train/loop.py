@@ -128,7 +128,8 @@ class Trainer:
         self.split = split = load_split(split_file) if split_file else None
         train_cats = (split["base"] if cfg.data.use_base_only else split["base"] + split["novel"]) if split else None
         self.train_set = CocoDetection(cfg.data.train_annotations, cfg.data.train_images, train_cats, train=True,
-                                       max_side=cfg.data.max_side, hflip_prob=cfg.data.hflip_prob)
+                                       max_side=cfg.data.max_side, hflip_prob=cfg.data.hflip_prob,
+                                       negatives=cfg.data.negative_categories)
         if cfg.stage != "finetune" or cfg.loss.caption_regions:
             self.train_set = captioned(self.train_set, cfg, split)
         self.val = None

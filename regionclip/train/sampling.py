@@ -20,8 +20,10 @@ def sample_regions(proposals, targets, lc, background: int,
     ``lc.background_far_samples`` below ``lc.background_iou_min`` with objectness at most
     ``lc.background_far_max_objectness``, all labelled ``background``. Returns per-image boxes,
     the (sum N,) labels and per-image matched GT boxes (a box regression target; a background
-    region's is its own box). ``ignore`` (per image, (M, 4) xyxy) keeps background samples off
-    those boxes (IoU < ``objectness.IGNORE_IOU``): regions of objects nobody labelled."""
+    region's is its own box). A GT box labelled ``NEGATIVE`` (-1: a hard negative, none of the
+    names) and the proposals on it are background. ``ignore`` (per image, (M, 4) xyxy) keeps
+    background samples off those boxes (IoU < ``objectness.IGNORE_IOU``): regions of objects
+    nobody labelled."""
     device = targets[0]["boxes"].device
     ignore = ignore if ignore is not None else [None] * len(targets)
     # Every proposal of the batch gets a kind: 0 positive, 1 background near a GT box, 2 far
@@ -63,7 +65,9 @@ def sample_regions(proposals, targets, lc, background: int,
     counts = torch.bincount(owner[picked], minlength=len(targets)).tolist()
 
     gt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+    # A hard negative's box (label NEGATIVE) and the proposals on it are background.
     gt_labels = torch.cat([t["labels"] for t in targets])
+    gt_labels = torch.where(gt_labels < 0, background, gt_labels)
     positive = kind[picked] == 0
     if len(gt_labels):
         label = torch.where(positive, gt_labels[match[picked].clamp(max=len(gt_labels) - 1)], background)
@@ -74,6 +78,6 @@ def sample_regions(proposals, targets, lc, background: int,
     boxes, labels, matched = [], [], []
     for t, b, lab, m in zip(targets, p[picked].split(counts), label.split(counts), target.split(counts)):
         boxes.append(torch.cat([t["boxes"].float(), b]))
-        labels.append(torch.cat([t["labels"], lab]))
+        labels.append(torch.cat([torch.where(t["labels"] < 0, background, t["labels"]), lab]))
         matched.append(torch.cat([t["boxes"].float(), m]))
     return boxes, torch.cat(labels), matched

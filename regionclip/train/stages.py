@@ -152,7 +152,8 @@ class RegionConceptLoss(nn.Module):
         for b, objectness, t in zip(boxes, scores, targets):
             if len(t["boxes"]) and len(b):
                 iou, match = box_iou(b, t["boxes"].float()).max(dim=1)
-                concept = self.label_concepts.to(b.device)[t["labels"][match]]
+                label = t["labels"][match]  # a hard negative (-1) has no concept
+                concept = torch.where(label >= 0, self.label_concepts.to(b.device)[label.clamp(min=0)], -1)
                 fixed.append(torch.where(iou >= lc.positive_iou, concept, -1))
             else:
                 iou = b.new_zeros(len(b))
