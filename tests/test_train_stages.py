@@ -462,3 +462,11 @@ def test_hard_negatives_train_as_background_beside_caption_regions(clip_model, t
             # GT boxes come first among an image's regions, in the targets' order.
             assert (lab[:len(t["labels"])][neg] == background).all() and (lab >= 0).all()
     assert negatives > 0
+
+
+def test_a_later_stage_without_its_data_stops_the_run_before_the_first_stage(tiny_shapes, tmp_path):
+    cfg = tiny_config(tiny_shapes, tmp_path / "staged", optim={"max_steps": 1, "batch_size": 4})
+    cfg.stages = [{"name": "a"}, {"name": "b", "data": {"train_annotations": str(tmp_path / "missing.json")}}]
+    with pytest.raises(BadConfig, match=r"stage b: data.train_annotations .*missing.json does not exist"):
+        train(cfg)
+    assert not (tmp_path / "staged").exists()

@@ -334,6 +334,17 @@ def run_stages(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     """Each of ``cfg.stages`` in turn, each in ``OUT/<name>/`` starting from the previous one's
     model. With ``resume`` (any value), a stage continues from its own ``last.pt`` when it has one
     (a finished one does nothing). The last stage's preset is copied to ``OUT/preset.yaml``."""
+    # Every stage's data before the first starts: a set made for a later stage only (the demo's
+    # "others") would otherwise be missed an hour into the run.
+    previous = None
+    for i, entry in enumerate(cfg.stages):
+        stage = stage_config(cfg, i, previous)
+        for key in ("train_annotations", "train_images"):
+            path = getattr(stage.data, key)
+            if not Path(path).exists():
+                raise BadConfig(f"stage {entry['name']}: data.{key} {path} does not exist; make it first "
+                                "(the training YAML's header has the commands)")
+        previous = Path(stage.out_dir)
     previous, result = None, None
     for i, entry in enumerate(cfg.stages):
         stage = stage_config(cfg, i, previous)
