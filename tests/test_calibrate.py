@@ -127,7 +127,7 @@ def test_calibrate_expects_what_detect_gives_with_the_tuned_vocabulary(tmp_path,
 
     # 8 images at seed 2: collected at threshold 0 (every class's boxes in the agnostic NMS), each
     # green circle box lost to another class's box that deployment's threshold drops first:
-    # expected precision and recall 0, detect gave 0.5 and 1.0.
+    # expected precision and recall 0, detect gave 0.5 and 1.0 (the demo before its fourth stage).
     data = make_shapes(tmp_path / "s", n_train=0, n_val=8, seed=2, image_size=(256, 320), captions_per_image=0)
     names = ["red circle", "red square", "red triangle", "green circle", "green square", "green triangle",
              "blue circle", "blue square", "blue triangle", "yellow circle", "yellow square", "yellow triangle"]
@@ -163,16 +163,17 @@ def test_calibrate_expects_what_detect_gives_with_the_tuned_vocabulary(tmp_path,
 def test_a_short_list_calibrates_with_the_distractors_that_suppress_its_boxes(tmp_path):
     """The demo's other names are distractors of a 3-name list: a box whose best match is one of
     them suppresses the listed box under it in the label-blind NMS. Collected without them, the fit
-    counted those listed boxes (seed 21: green circle expected precision and recall 1.0, detect
-    gave no green circle; now 0 expected)."""
+    counted those listed boxes (seed 22 with the shipped demo: green circle expected precision and
+    recall 1.0, detect gave no green circle; now 0 and 0 expected, as detect gives)."""
     from regionclip.calibrate import run_calibrate
     from regionclip.data import make_shapes
     from regionclip.predictor import Predictor
 
-    data = make_shapes(tmp_path / "s", n_train=0, n_val=6, seed=21, image_size=(256, 320), captions_per_image=0)
+    data = make_shapes(tmp_path / "s", n_train=0, n_val=6, seed=22, image_size=(256, 320), captions_per_image=0)
     vocab = Vocabulary.from_labels(["green circle", "blue square", "blue triangle"])
     fits, measured = run_calibrate(data["val_annotations"], data["val_images"], vocab, tmp_path / "tuned.yaml",
                                    lambda: Predictor.from_pretrained("demo", device="cpu"))
     for e, m in zip(fits, measured):
         assert (e.precision, e.recall) == (m.precision, m.recall), (e, m)
     assert fits[0].name == "green circle" and fits[0].gt == 1 and fits[0].detections == 1
+    assert (fits[0].precision, fits[0].recall) == (0.0, 0.0)
