@@ -2,7 +2,7 @@
 doubtful images, fine-tune on them, and what that costs the starting model's own names.
 
     python benchmarks/bench_loop.py --work runs/bench_loop [--train 500] [--val 200] [--review 50]
-        [--seeds 0,1] [--selections doubt,random] [--arms retained,replay+distill] [--steps 30]
+        [--seeds 0,1] [--selections doubt,random] [--arms retained,wise+distill] [--steps 30]
         [--alphas 0.7] [--set retention.replay_count=100 --tag _r100] [--json F]
 
 1. Data: ``make-shapes --style alt`` (seed 7) is the user's new domain, its 12 names new to the
@@ -13,14 +13,15 @@ doubtful images, fine-tune on them, and what that costs the starting model's own
    distractors would claim every box: ``--distractors none``).
 4. Review: the ``--review`` most doubtful images (``regionclip.doubt.most_doubtful``) have their
    ground truth stand in for people's corrections; the control takes as many at random (per seed).
-5. Fine-tune on them with ``configs/train/finetune.yaml`` (``--steps`` steps of 8 images, seeded),
-   one run per arm: ``retained`` is the recipe as shipped (WiSE-FT 0.5; its report also scores
-   the weights before mixing: the plain fine-tune), ``plain`` keeps the fine-tuned weights (the
-   same training), ``frozen_text`` freezes the text tower, ``distill`` adds distillation of the
-   demo's names, ``replay`` mixes in ``retention.replay_count`` images of the demo's own world
-   labelled by the demo (``--replay-pool`` ``make-shapes`` train images, seed 1: not the held-out
-   val set). ``a+b`` runs both changes; ``--set KEY=VALUE`` changes every run (``--tag`` names them
-   apart; ``--steps`` other than 30 is in the name already).
+5. Fine-tune on them with ``configs/train/finetune.yaml`` (its 120 steps of 8 images, or ``--steps``;
+   seeded), one run per arm. Every run's replay images are ``--replay-pool`` ``make-shapes`` train
+   images (seed 1: the demo's world, not the held-out val set) labelled by the demo. ``retained``
+   is the recipe as shipped (replay, no WiSE-FT); ``plain`` trains without replay, WiSE-FT or
+   distillation; ``wise`` is the recipe before replay (WiSE-FT 0.5, no replay; measured at
+   ``--steps 30``; its report also scores the weights before mixing); ``replay`` turns replay on
+   again after an arm that turned it off; ``frozen_text`` freezes the text tower; ``distill`` adds
+   distillation of the demo's names. ``a+b`` runs both changes; ``--set KEY=VALUE`` changes every
+   run (``--tag`` names them apart; a given ``--steps`` is in the name already).
    Each run's ``retention.json`` gives the after figures; its "before" is step 2's, written there
    first so that each run does not measure the same start again.
 
@@ -39,15 +40,16 @@ from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "train" / "finetune.yaml"
 
-# What each arm changes in the recipe ("a+b" runs both changes). The recipe's report scores the
-# fine-tuned weights before WiSE-FT mixes them, so ``retained`` also gives the plain fine-tune
-# (the same seeded training). {replay}: the replay images' folder.
+# What each arm changes in the recipe ("a+b" runs both changes). Every run replays the bench's own
+# replay images ({replay}), not the recipe's path. The report scores the fine-tuned weights before
+# WiSE-FT mixes them, so an arm with wise_alpha < 1 also gives the same training unmixed.
 ARMS = {
-    "retained": [],
+    "retained": [],  # the recipe as shipped: replay, no WiSE-FT
     "plain": ["retention.wise_alpha=1.0", "retention.distill_weight=0", "retention.replay_images=null"],
+    "wise": ["retention.wise_alpha=0.5", "retention.replay_images=null"],  # the recipe before replay (30 steps)
+    "replay": ["retention.replay_images={replay}"],
     "frozen_text": ["train.train_text_tower=false"],
     "distill": ["retention.distill_weight=1.0"],
-    "replay": ["retention.replay_images={replay}"],
 }
 
 
@@ -146,7 +148,7 @@ def subset(annotations: Path, names: list[str], out: Path) -> Path:
     return out
 
 
-def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, steps: int, arm: str,
+def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, steps: int | None, arm: str,
               extra: list[str]) -> dict:
     from regionclip.train import load_train_config, train
 
@@ -157,8 +159,10 @@ def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, 
     overrides = [f"data.train_annotations={train_json}", f"data.train_images={alt['train_images']}",
                  f"data.val_annotations={alt['val_annotations']}", f"data.val_images={alt['val_images']}",
                  f"retention.annotations={shapes['val_annotations']}", f"retention.images={shapes['val_images']}",
-                 f"retention.split={shapes['split']}", f"train.seed={seed}", f"optim.max_steps={steps}",
-                 f"train.ckpt_every={steps}", *arm_overrides(arm, sets["replay"]["train_images"]), *extra]
+                 f"retention.split={shapes['split']}", f"train.seed={seed}",
+                 *([f"optim.max_steps={steps}", f"train.ckpt_every={steps}"] if steps is not None else []),
+                 f"retention.replay_images={sets['replay']['train_images']}",
+                 *arm_overrides(arm, sets["replay"]["train_images"]), *extra]
     cfg = load_train_config(RECIPE, overrides, out_dir=out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({"before": before}))  # measured once, in measure_start
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0,1", help="fine-tune seeds (and the random control's draw)")
     parser.add_argument("--selections", default="doubt,random", help="doubt, random")
     parser.add_argument("--arms", default="retained", help=f"of {', '.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps of 8 images")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps of 8 images (default: the recipe's)")
     parser.add_argument("--alphas", default="", help="more WiSE-FT mixes of each run's fine-tuned weights to "
                         "score, e.g. 0.7,0.85 (two evaluations each)")
     parser.add_argument("--replay-pool", type=int, default=200, help="make-shapes train images (seed 1) the "
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_json = subset(sets["alt"]["train_annotations"], picked[selection][:args.review],
                                 args.work / "reviewed" / f"{selection}_s{seed}.json")
             for arm in args.arms.split(","):
-                name = f"{arm}_{selection}_s{seed}" + (f"_{args.steps}steps" if args.steps != 30 else "") + args.tag
+                name = f"{arm}_{selection}_s{seed}" + (f"_{args.steps}steps" if args.steps is not None else "") + args.tag
                 figures = fine_tune(args.work / "runs" / name, train_json, sets, before, seed, args.steps, arm, args.set)
                 runs.append({"arm": arm, "selection": selection, "seed": seed, "steps": args.steps, "tag": args.tag,
                              **figures})
