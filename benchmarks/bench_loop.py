@@ -2,8 +2,8 @@
 doubtful images, fine-tune on them, and what that costs the starting model's own names.
 
     python benchmarks/bench_loop.py --work runs/bench_loop [--train 500] [--val 200] [--review 50]
-        [--seeds 0,1] [--selections doubt,random] [--arms retained] [--steps 30]
-        [--alphas 0.7] [--json F]
+        [--seeds 0,1] [--selections doubt,random] [--arms retained,wise+distill] [--steps 30]
+        [--alphas 0.7] [--set retention.replay_count=100 --tag _r100] [--json F]
 
 1. Data: ``make-shapes --style alt`` (seed 7) is the user's new domain, its 12 names new to the
    demo model; ``make-shapes`` val (seed 0, 200 images) holds the demo's own 12 names.
@@ -13,11 +13,15 @@ doubtful images, fine-tune on them, and what that costs the starting model's own
    distractors would claim every box: ``--distractors none``).
 4. Review: the ``--review`` most doubtful images (``regionclip.doubt.most_doubtful``) have their
    ground truth stand in for people's corrections; the control takes as many at random (per seed).
-5. Fine-tune on them with ``configs/train/finetune.yaml`` (``--steps`` steps of 8 images, seeded),
-   one run per arm: ``retained`` is the recipe as shipped (WiSE-FT 0.5; its report also scores
-   the weights before mixing: the plain fine-tune), ``plain`` keeps the fine-tuned weights (the
-   same training), ``frozen_text`` freezes the text tower, ``distill`` adds distillation of the
-   demo's names.
+5. Fine-tune on them with ``configs/train/finetune.yaml`` (its 120 steps of 8 images, or ``--steps``;
+   seeded), one run per arm. Every run's replay images are ``--replay-pool`` ``make-shapes`` train
+   images (seed 1: the demo's world, not the held-out val set) labelled by the demo. ``retained``
+   is the recipe as shipped (replay, no WiSE-FT); ``plain`` trains without replay, WiSE-FT or
+   distillation; ``wise`` is the recipe before replay (WiSE-FT 0.5, no replay; measured at
+   ``--steps 30``; its report also scores the weights before mixing); ``replay`` turns replay on
+   again after an arm that turned it off; ``frozen_text`` freezes the text tower; ``distill`` adds
+   distillation of the demo's names. ``a+b`` runs both changes; ``--set KEY=VALUE`` changes every
+   run (``--tag`` names them apart; a given ``--steps`` is in the name already).
    Each run's ``retention.json`` gives the after figures; its "before" is step 2's, written there
    first so that each run does not measure the same start again.
 
@@ -36,26 +40,33 @@ from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "train" / "finetune.yaml"
 
-# What each arm changes in the recipe.
-# What each arm changes in the recipe. The recipe's report scores the fine-tuned weights before
-# WiSE-FT mixes them, so ``retained`` also gives the plain fine-tune (the same seeded training).
+# What each arm changes in the recipe ("a+b" runs both changes). Every run replays the bench's own
+# replay images ({replay}), not the recipe's path. The report scores the fine-tuned weights before
+# WiSE-FT mixes them, so an arm with wise_alpha < 1 also gives the same training unmixed.
 ARMS = {
-    "retained": [],
-    "plain": ["retention.wise_alpha=1.0", "retention.distill_weight=0"],
+    "retained": [],  # the recipe as shipped: replay, no WiSE-FT
+    "plain": ["retention.wise_alpha=1.0", "retention.distill_weight=0", "retention.replay_images=null"],
+    "wise": ["retention.wise_alpha=0.5", "retention.replay_images=null"],  # the recipe before replay (30 steps)
+    "replay": ["retention.replay_images={replay}"],
     "frozen_text": ["train.train_text_tower=false"],
     "distill": ["retention.distill_weight=1.0"],
 }
 
 
-def make_data(work: Path, n_train: int, n_val: int) -> dict[str, dict[str, Path]]:
+def arm_overrides(arm: str, replay: Path) -> list[str]:
+    return [o.format(replay=replay) for part in arm.split("+") for o in ARMS[part]]
+
+
+def make_data(work: Path, n_train: int, n_val: int, n_replay: int) -> dict[str, dict[str, Path]]:
     from regionclip.data.shapes import make_shapes
 
     sets = {}
-    for name, style, seed, train in (("shapes", "shapes", 0, 0), ("alt", "alt", 7, n_train)):
+    for name, style, seed, train, val in (("shapes", "shapes", 0, 0, n_val), ("alt", "alt", 7, n_train, n_val),
+                                          ("replay", "shapes", 1, n_replay, 1)):
         folder = work / "data" / name
         done = folder / "annotations" / "instances_val.json"
         if not done.is_file():
-            make_shapes(folder, n_train=train, n_val=n_val, seed=seed, image_size=(192, 320), style=style,
+            make_shapes(folder, n_train=train, n_val=val, seed=seed, image_size=(192, 320), style=style,
                         overwrite=True)
         sets[name] = {"train_annotations": folder / "annotations" / "instances_train.json",
                       "train_images": folder / "train", "val_annotations": done, "val_images": folder / "val",
@@ -137,7 +148,8 @@ def subset(annotations: Path, names: list[str], out: Path) -> Path:
     return out
 
 
-def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, steps: int, arm: str) -> dict:
+def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, steps: int | None, arm: str,
+              extra: list[str]) -> dict:
     from regionclip.train import load_train_config, train
 
     report = out / "retention.json"
@@ -147,8 +159,10 @@ def fine_tune(out: Path, train_json: Path, sets: dict, before: dict, seed: int, 
     overrides = [f"data.train_annotations={train_json}", f"data.train_images={alt['train_images']}",
                  f"data.val_annotations={alt['val_annotations']}", f"data.val_images={alt['val_images']}",
                  f"retention.annotations={shapes['val_annotations']}", f"retention.images={shapes['val_images']}",
-                 f"retention.split={shapes['split']}", f"train.seed={seed}", f"optim.max_steps={steps}",
-                 f"train.ckpt_every={steps}", *ARMS[arm]]
+                 f"retention.split={shapes['split']}", f"train.seed={seed}",
+                 *([f"optim.max_steps={steps}", f"train.ckpt_every={steps}"] if steps is not None else []),
+                 f"retention.replay_images={sets['replay']['train_images']}",
+                 *arm_overrides(arm, sets["replay"]["train_images"]), *extra]
     cfg = load_train_config(RECIPE, overrides, out_dir=out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({"before": before}))  # measured once, in measure_start
@@ -196,15 +210,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="0,1", help="fine-tune seeds (and the random control's draw)")
     parser.add_argument("--selections", default="doubt,random", help="doubt, random")
     parser.add_argument("--arms", default="retained", help=f"of {', '.join(ARMS)}")
-    parser.add_argument("--steps", type=int, default=30, help="fine-tuning steps of 8 images")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps of 8 images (default: the recipe's)")
     parser.add_argument("--alphas", default="", help="more WiSE-FT mixes of each run's fine-tuned weights to "
                         "score, e.g. 0.7,0.85 (two evaluations each)")
+    parser.add_argument("--replay-pool", type=int, default=200, help="make-shapes train images (seed 1) the "
+                        "replay arm draws from: the demo's world, not the held-out val set")
+    parser.add_argument("--set", action="append", default=[], help="another recipe override for every run "
+                        "(KEY=VALUE, repeatable); name the runs apart with --tag")
+    parser.add_argument("--tag", default="", help="appended to the run folders' names")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     args.alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
 
     start = time.perf_counter()
-    sets = make_data(args.work, args.train, args.val)
+    sets = make_data(args.work, args.train, args.val, args.replay_pool)
     before = measure_start(args.work, sets)
     round0 = round_zero(args.work, sets["alt"])
     runs = []
@@ -216,15 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
             train_json = subset(sets["alt"]["train_annotations"], picked[selection][:args.review],
                                 args.work / "reviewed" / f"{selection}_s{seed}.json")
             for arm in args.arms.split(","):
-                name = f"{arm}_{selection}_s{seed}"
-                figures = fine_tune(args.work / "runs" / name, train_json, sets, before, seed, args.steps, arm)
-                runs.append({"arm": arm, "selection": selection, "seed": seed, **figures})
+                name = f"{arm}_{selection}_s{seed}" + (f"_{args.steps}steps" if args.steps is not None else "") + args.tag
+                figures = fine_tune(args.work / "runs" / name, train_json, sets, before, seed, args.steps, arm, args.set)
+                runs.append({"arm": arm, "selection": selection, "seed": seed, "steps": args.steps, "tag": args.tag,
+                             **figures})
                 if "fine_tuned" in figures:
-                    print(row(f"{arm}, {selection}, seed {seed}, before WiSE-FT mixing", figures["fine_tuned"]))
-                print(row(f"{arm}, {selection}, seed {seed}", figures["after"]), flush=True)
+                    print(row(f"{name}, before WiSE-FT mixing", figures["fine_tuned"]))
+                print(row(f"{name}, WiSE-FT {figures.get('wise_alpha')}", figures["after"]), flush=True)
                 for alpha, mixed in other_alphas(args.work / "runs" / name, sets, args.alphas).items():
                     runs[-1].setdefault("alphas", {})[alpha] = mixed
-                    print(row(f"{arm}, {selection}, seed {seed}, WiSE-FT {alpha}", mixed), flush=True)
+                    print(row(f"{name}, WiSE-FT {alpha}", mixed), flush=True)
     out = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "before": before, "runs": runs, "seconds": round(time.perf_counter() - start, 1)}
     if args.json:

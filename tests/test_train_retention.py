@@ -4,6 +4,7 @@ mix, distillation of the starting model's names, ``from_model``. Tiny models, a 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,52 @@ def test_from_model_starts_from_a_preset_under_the_files_own_model_keys(tiny_sha
     path.write_text(yaml.safe_dump({**run, "from_model": "no-such-model"}))
     with pytest.raises(BadConfig, match="from_model no-such-model"):
         load_train_config(path)
+
+
+def test_replay_labels_old_world_images_once_and_trains_them_beside_the_new(tiny_shapes, tmp_path):
+    """retention.replay_images: replay_count images drawn from the folder, labelled by the start
+    model before the first step into replay.json (absolute paths, the held-out set's names, scores
+    at the threshold or more), then in the training set after the new images."""
+    from regionclip.train.loop import Trainer
+    from regionclip.train.replay import WithReplay
+
+    sections = held_out(tiny_shapes, eval_images=1, replay_images=str(tiny_shapes["train_images"]),
+                        replay_count=3, replay_threshold=0.0)
+    cfg = tiny_config(tiny_shapes, tmp_path / "run", optim={"max_steps": 1, "batch_size": 4},
+                      train={"ckpt_every": 1, "log_every": 1}, **sections)
+    trainer = Trainer(cfg)
+    replay = json.loads((tmp_path / "run" / "replay.json").read_text())
+    held = json.loads(tiny_shapes["val_annotations"].read_text())
+    assert [c["name"] for c in replay["categories"]] == [c["name"] for c in sorted(held["categories"], key=lambda c: c["id"])]
+    assert 1 <= len(replay["images"]) <= 3 and replay["annotations"]
+    assert all(Path(i["file_name"]).is_absolute() and Path(i["file_name"]).parent == tiny_shapes["train_images"].resolve()
+               for i in replay["images"])
+    assert all(a["score"] >= 0.0 for a in replay["annotations"])
+    assert isinstance(trainer.train_set, WithReplay) and len(trainer.train_set) == 16 + len(replay["images"])
+    assert trainer.run().retention["settings"]["replay_count"] == 3
+
+    (tmp_path / "run" / "replay.json").write_text(json.dumps({**replay, "annotations": replay["annotations"][:1]}))
+    resumed = Trainer(cfg, resume=tmp_path / "run" / "last.pt")  # reads the labels back, labels nothing
+    assert sum(len(t["labels"]) for _, t in (resumed.train_set.replay[i] for i in range(len(resumed.train_set.replay)))) == 1
+
+    cfg.retention.replay_threshold, cfg.out_dir = 1.0, str(tmp_path / "none")
+    with pytest.raises(BadConfig, match="replay_threshold"):
+        Trainer(cfg)
+
+
+def test_with_replay_names_the_old_names_after_the_new_and_relabels_replayed_boxes(tiny_shapes):
+    from regionclip.data import CocoDetection, load_split
+    from regionclip.train.replay import WithReplay
+
+    split = load_split(tiny_shapes["split"])
+    new = CocoDetection(tiny_shapes["train_annotations"], tiny_shapes["train_images"], split["base"])
+    old_order = split["novel"] + split["base"]
+    replay = CocoDetection(tiny_shapes["val_annotations"], tiny_shapes["val_images"], old_order)
+    both = WithReplay(new, replay)
+    assert both.category_names == split["base"] + split["novel"] and len(both) == len(new) + len(replay)
+    assert torch.equal(both[0][1]["labels"], new[0][1]["labels"])
+    for j in range(len(replay)):
+        _, mine = both[(len(new) + j, 7)]
+        _, theirs = replay[(j, 7)]
+        assert [both.category_names[k] for k in mine["labels"]] == [old_order[k] for k in theirs["labels"]]
+        torch.testing.assert_close(mine["boxes"], theirs["boxes"])

@@ -392,9 +392,14 @@ def check_train_config(cfg: TrainConfig, path: str | Path) -> TrainConfig:
         raise BadConfig(f"{path}: set both retention.annotations and retention.images, or neither")
     if not 0 <= rc.wise_alpha <= 1 or rc.distill_weight < 0 or rc.top_k < 1:
         raise BadConfig(f"{path}: retention needs wise_alpha in [0, 1], distill_weight >= 0 and top_k >= 1")
-    if (rc.wise_alpha < 1 or rc.distill_weight > 0) and not rc.annotations:
-        raise BadConfig(f"{path}: retention.wise_alpha and distill_weight need the held-out set "
+    if (rc.wise_alpha < 1 or rc.distill_weight > 0 or rc.replay_images) and not rc.annotations:
+        raise BadConfig(f"{path}: retention.wise_alpha, distill_weight and replay_images need the held-out set "
                         "(retention.annotations and retention.images) to report what they keep")
+    if rc.replay_count < 1 or not 0 <= rc.replay_threshold <= 1:
+        raise BadConfig(f"{path}: retention needs replay_count >= 1 and replay_threshold in [0, 1]")
+    if rc.replay_images and (cfg.stage != "finetune" or lc.caption_regions):
+        raise BadConfig(f"{path}: retention.replay_images is for stage finetune without loss.caption_regions "
+                        "(replayed images have no captions)")
     if cfg.clip.image_size is not None and cfg.clip.image_size < 16:
         raise BadConfig(f"{path}: clip.image_size must be at least 16 pixels")
     return cfg

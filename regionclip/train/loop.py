@@ -36,6 +36,7 @@ from .config import TrainConfig, resolve_resume, stage_config
 from .feed import Feed
 from .finetune import RegionTextLoss
 from .optim import build_model, optimizer_for, schedule, set_trainable
+from .replay import WithReplay, replay_set
 from .retention import Retention
 from .stages import ImageTextLoss, RegionConceptLoss, Teacher, captioned
 from .state import load_checkpoint, restore_schedule, rng_state, set_rng_state
@@ -100,6 +101,7 @@ class Trainer:
         self.optimizer = optimizer_for(self.params, o, model.box_head)
         self.scheduler = schedule(self.optimizer, o.warmup_steps, o.max_steps)
         self.retention = self._retention()
+        self._replay(resumed=resume is not None)
         self.loss_module = self._loss_module()
         self.step_fn = self.loss_module if self.world == 1 else DistributedDataParallel(
             self.loss_module, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
@@ -168,6 +170,18 @@ class Trainer:
             return {k: v for k, v in ap.items() if k not in EXTRA}
 
         return Retention(rc, self.model, self.val, self.split, score, self.out, write=self.rank == 0)
+
+    def _replay(self, resumed: bool) -> None:
+        """``retention.replay_images``: the start model's pseudo-labelled images join the training
+        set (``replay.py``), labelled now, before any step (a resumed run reads its labels back)."""
+        rc, data = self.cfg.retention, self.cfg.data
+        if not rc.replay_images:
+            return
+        with self.autocast():
+            replay = replay_set(self.model, rc, self.retention.old_names, self.out, self.cfg.train.seed, resumed,
+                                self.rank, dist.barrier if self.world > 1 else None, data.max_side, data.hflip_prob)
+        self.train_set = WithReplay(self.train_set, replay)
+        set_trainable(self.model, self.cfg.train)  # back to training modes
 
     def _restore(self, path) -> tuple[int, int, int, float | None]:
         ckpt = load_checkpoint(path)

@@ -31,7 +31,7 @@ from ..errors import BadConfig
 # Dotted keys that always hold an input path, and those that may instead hold a name.
 INPUT_PATHS = ("data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images",
                "data.split", "data.train_captions", "data.concepts", "model.checkpoint",
-               "retention.annotations", "retention.images", "retention.split")
+               "retention.annotations", "retention.images", "retention.split", "retention.replay_images")
 NAME_OR_PATH = ("model.clip_pretrained", "model.detector_weights", "pretrain.teacher")
 
 

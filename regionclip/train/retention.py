@@ -10,6 +10,8 @@ two ways to pay less.
 - ``OldNamesDistill``: KL from the starting model's region scores over its own names (and
   background) to the student's, on every region a step trains on (``retention.distill_weight``):
   the new names are outside that softmax, so they learn freely while the old ones keep their ranks.
+- Replay (``replay.py``): images of the old world labelled by the starting model before the first
+  step train beside the new ones (``retention.replay_images``).
 
 A frozen text tower is ``train.train_text_tower: false`` (nothing here).
 """
@@ -50,6 +52,17 @@ class RetentionConfig:
     # KL to the starting model's scores over its own names (the held-out set's categories) on
     # every region of a step; 0: off.
     distill_weight: float = 0.0
+    # Replay (replay.py): a folder (or glob) of images of the starting model's own world, e.g. a
+    # few of the old training set, never the held-out set (the report would then score images
+    # the run trained on). None: off.
+    replay_images: str | None = None
+    # How many of them are drawn (seeded by train.seed) and labelled before the first step: they
+    # join the training set, so a batch holds them in proportion (50 beside 50 new: half).
+    replay_count: int = 50
+    # A detection of the old names (one per box, no distractors) becomes a box at this score or
+    # more. Below it the object is unlabelled and trains as background: high enough that the
+    # labels are right, low enough that few real objects go unlabelled.
+    replay_threshold: float = 0.5
 
 
 # Evaluates a model on a set: (model, CocoDetection, split or None) -> {"overall"/"base"/"novel": AP50}.
@@ -156,7 +169,9 @@ class Retention:
         self.report["kept"] = kept(self.report["before"]["held_out"], self.report["after"]["held_out"])
         self.report["settings"] = {"held_out": self.cfg.annotations, "top_k": self.cfg.top_k,
                                    "distractors": self.cfg.distractors, "eval_images": self.cfg.eval_images,
-                                   "distill_weight": self.cfg.distill_weight}
+                                   "distill_weight": self.cfg.distill_weight,
+                                   "replay_images": self.cfg.replay_images, "replay_count": self.cfg.replay_count,
+                                   "replay_threshold": self.cfg.replay_threshold}
         self._save()
         return self.report
 
