@@ -125,10 +125,10 @@ def test_calibrate_expects_what_detect_gives_with_the_tuned_vocabulary(tmp_path,
 
     from regionclip.data import make_shapes
 
-    # 8 images at seed 2: collected at threshold 0 (every class's boxes in the agnostic NMS), each
+    # 5 images at seed 2 (8 then): collected at threshold 0 (every class's boxes in the agnostic NMS), each
     # green circle box lost to another class's box that deployment's threshold drops first:
     # expected precision and recall 0, detect gave 0.5 and 1.0 (the demo before its fourth stage).
-    data = make_shapes(tmp_path / "s", n_train=0, n_val=8, seed=2, image_size=(256, 320), captions_per_image=0)
+    data = make_shapes(tmp_path / "s", n_train=0, n_val=5, seed=2, image_size=(256, 320), captions_per_image=0)
     names = ["red circle", "red square", "red triangle", "green circle", "green square", "green triangle",
              "blue circle", "blue square", "blue triangle", "yellow circle", "yellow square", "yellow triangle"]
     out, det = tmp_path / "tuned.yaml", tmp_path / "det.json"
