@@ -348,20 +348,20 @@ def run_stages(cfg: TrainConfig, resume: str | os.PathLike | None = None,
     """Each of ``cfg.stages`` in turn, each in ``OUT/<name>/`` starting from the previous one's
     model. With ``resume`` (any value), a stage continues from its own ``last.pt`` when it has one
     (a finished one does nothing). The last stage's preset is copied to ``OUT/preset.yaml``."""
+    stages, previous = [], None
+    for i in range(len(cfg.stages)):
+        stages.append(stage_config(cfg, i, previous))
+        previous = Path(stages[-1].out_dir)
     # Every stage's data before the first starts: a set made for a later stage only (the demo's
     # "others") would otherwise be missed an hour into the run.
-    previous = None
-    for i, entry in enumerate(cfg.stages):
-        stage = stage_config(cfg, i, previous)
+    for entry, stage in zip(cfg.stages, stages):
         for key in ("train_annotations", "train_images"):
             path = getattr(stage.data, key)
             if not Path(path).exists():
                 raise BadConfig(f"stage {entry['name']}: data.{key} {path} does not exist; make it first "
                                 "(the training YAML's header has the commands)")
-        previous = Path(stage.out_dir)
-    previous, result = None, None
-    for i, entry in enumerate(cfg.stages):
-        stage = stage_config(cfg, i, previous)
+    result = None
+    for entry, stage in zip(cfg.stages, stages):
         last = Path(stage.out_dir) / "last.pt"
         name = entry["name"]
 
@@ -370,7 +370,6 @@ def run_stages(cfg: TrainConfig, resume: str | os.PathLike | None = None,
 
         result = train(stage, resume=last if resume is not None and last.is_file() else None,
                        progress=tagged if progress else None)
-        previous = Path(stage.out_dir)
     out = Path(cfg.out_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "preset.yaml").write_text((previous / "preset.yaml").read_text())
