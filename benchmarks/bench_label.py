@@ -1,6 +1,6 @@
 """How fast does ``regionclip label`` go, engine by engine, and does the Ray driver's memory stay flat?
 
-    python benchmarks/bench_label.py [--images 1000] [--memory 200,2000] [--batch-size 8]
+    python benchmarks/bench_label.py [--images 1000] [--repeats 3] [--memory 200,2000] [--batch-size 8]
                                      [--workers 2] [--shard-size 100] [--side 128,192]
                                      [--set proposals.num_proposals=20] [--presets fast,rn50] [--json F]
 
@@ -13,7 +13,11 @@ Generates shapes images once (``regionclip make-shapes``'s generator, sides ``--
   started before the clock: decoding tasks, labelling actors, parts merged into shards). Each
   engine's clock runs from the call to its return, model build included (the plain engine builds
   it in ``build()``, the Ray actors their own, in new processes); for Ray also the rate after its
-  first report, once the actors run. Target (issue 32): Ray >= 0.9x plain.
+  first report, once the actors run. The two engines take turns ``--repeats`` times (plain, Ray,
+  plain, Ray, ...), as the load of a shared machine drifts by 15% and more within minutes; the
+  report gives each turn's ratio and their median. Ray's first turn also starts Ray Data's own
+  actors on the fresh local Ray (later turns find them running, as on a cluster after its first
+  job). Target (issue 32): Ray >= 0.9x plain.
 - **memory**: for each count of ``--memory``, a fresh process runs ``regionclip label --engine
   ray`` over that many images and reports its peak RSS (``VmHWM``): the driver's, since the model
   lives in the actors. Target: the largest count within 10% of the smallest.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,22 +161,26 @@ def throughput(paths: list[str], root: Path, args) -> dict:
     found = {"images": len(paths), "batch_size": args.batch_size, "workers": args.workers,
              "torch_threads": torch.get_num_threads()}
     start_local()
+    turns = []
     try:
         found["load_average_before"] = os.getloadavg()
-        found["plain_img_s"] = round(plain_engine(cfg, "demo", listing, root / "plain", args), 2)
-        print(f"plain engine: {found['plain_img_s']} img/s", flush=True)
-        whole, started = ray_engine(cfg, "demo", listing, root / "ray", args)
-        found["ray_img_s"], found["ray_after_first_report_img_s"] = round(whole, 2), round(started, 2)
-        print(f"ray engine: {found['ray_img_s']} img/s ({found['ray_after_first_report_img_s']} after the first "
-              "report)", flush=True)
+        for turn in range(1, args.repeats + 1):
+            plain = plain_engine(cfg, "demo", listing, root / "plain", args)
+            whole, started = ray_engine(cfg, "demo", listing, root / "ray", args)
+            turns.append({"plain_img_s": round(plain, 2), "ray_img_s": round(whole, 2),
+                          "ray_after_first_report_img_s": round(started, 2), "ray_to_plain": round(whole / plain, 3),
+                          "load_average": os.getloadavg()})
+            print(f"turn {turn}: plain engine {plain:.2f} img/s, ray engine {whole:.2f} img/s ({started:.2f} after "
+                  f"its first report): {whole / plain:.3f}x", flush=True)
     finally:
         ray.shutdown()
+    found["turns"] = turns
     found["bare_img_s"] = round(bare_loop(RegionCLIP(config=cfg), paths, args.batch_size), 2)
     print(f"bare model loop: {found['bare_img_s']} img/s", flush=True)
     found["load_average_after"] = os.getloadavg()
-    found["ray_to_plain"] = round(found["ray_img_s"] / found["plain_img_s"], 3)
-    found["plain_to_bare"] = round(found["plain_img_s"] / found["bare_img_s"], 3)
-    found["ray_to_bare"] = round(found["ray_img_s"] / found["bare_img_s"], 3)
+    for name in ("plain_img_s", "ray_img_s", "ray_after_first_report_img_s", "ray_to_plain"):
+        found[f"median_{name}"] = round(statistics.median(t[name] for t in turns), 3)
+    found["plain_to_bare"] = round(found["median_plain_img_s"] / found["bare_img_s"], 3)
     return found
 
 
@@ -219,6 +228,7 @@ def gpu(paths: list[str], root: Path, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="images for the throughput parts (0 skips them)")
+    parser.add_argument("--repeats", type=int, default=3, help="turns of the two engines in the throughput part")
     parser.add_argument("--memory", default="200,2000", help="image counts for the memory part ('' skips it)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="the plain engine's decoding processes")

@@ -1,8 +1,8 @@
 """The predictor's input side: sources decoded in ``DataLoader`` workers, a chunk ahead.
 
 ``decoded_chunks`` yields lists of ``Item`` s, ``chunk`` consecutive sources each, in input order,
-whatever the number of workers; ``decode`` is what a worker does to one source (a pipeline that
-decodes in a stage of its own, as the Ray engine's, calls it too). Workers die with their parent.
+whatever the number of workers; each worker decodes a source with ``io.decode``, as the Ray
+engine's decoding stage does. Workers die with their parent.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from typing import Any, Iterable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import BadImage
-from .io import LoadedImage, load_reduced
-from .tiles import Tiling, load_tiled
+from .io import LoadedImage, decode
+from .tiles import Tiling
 
 
 @dataclass
@@ -50,21 +49,8 @@ class _Decoded(IterableDataset):
                 yield [self._decode(i, source, boxes) for i, (source, boxes) in part]
 
     def _decode(self, i: int, source, boxes) -> Item:
-        loaded, error = decode(source, self.max_side, self.tiling)
+        loaded, error = decode(source, self.max_side, self.tiling.load if self.tiling is not None else None)
         return Item(i, source, loaded, error, boxes)
-
-
-def decode(source, max_side: int | None, tiling=None) -> tuple[LoadedImage | None, str | None]:
-    """``(loaded, None)``, or ``(None, why)`` for a source that cannot be decoded: what the
-    predictor's workers do to each source (``max_side``: the backend's ``input_max_side``), for a
-    pipeline that decodes in a stage of its own and streams the ``LoadedImage`` s. With ``tiling``
-    (``tiles.Tiling``) an image larger than a window is only opened (``tiles.TiledImage``)."""
-    try:
-        if tiling is not None:
-            return load_tiled(source, tiling, max_side), None
-        return load_reduced(source, max_side), None
-    except BadImage as exc:
-        return None, str(exc)
 
 
 def decoded_chunks(sources: Iterable, boxes: Iterable | None, chunk: int, max_side: int | None, workers: int,

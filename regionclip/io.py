@@ -3,6 +3,10 @@
 ``load_image`` gives the full resolution; ``load_reduced`` decodes only what the model's stages
 need (JPEG draft mode, then a resize right after decoding) and remembers the original size, so
 boxes can still come back in original pixels.
+
+Importing it does not import torch: a process that only decodes (the Ray engine's decoding
+tasks) starts in a fraction of a second instead of the seconds torch's import takes, and a tensor
+can only be passed in where torch is already loaded.
 """
 
 from __future__ import annotations
@@ -10,16 +14,19 @@ from __future__ import annotations
 import glob
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImage
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 # Pillow refuses images above ~179 MP as a decompression-bomb guard; detection photos from
@@ -49,7 +56,7 @@ class LoadedImage:
     original_size: tuple[int, int]
 
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, LoadedImage]
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor", LoadedImage]
 
 
 def expand_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
@@ -230,7 +237,8 @@ def load_image(source: ImageSource) -> np.ndarray:
         return _decode(Path(source), None).pixels
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source)
-    if isinstance(source, torch.Tensor):
+    torch = sys.modules.get("torch")  # without it loaded, nothing is a tensor
+    if torch is not None and isinstance(source, torch.Tensor):
         t = source.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
             t = t.permute(1, 2, 0)
@@ -257,5 +265,19 @@ def load_image(source: ImageSource) -> np.ndarray:
 
 def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 in [0, 1] on ``device`` (converted there, not on the host)."""
+    import torch
+
     t = torch.from_numpy(image if image.flags.writeable else image.copy()).to(device, non_blocking=True)
     return t.permute(2, 0, 1).float().div_(255.0)
+
+
+
+def decode(source, max_side: int | None, load=None) -> tuple[LoadedImage | None, str | None]:
+    """``(loaded, None)``, or ``(None, why)`` for a source that cannot be decoded: what the
+    predictor's workers do to each source (``max_side``: the backend's ``input_max_side``), and a
+    pipeline that decodes in a stage of its own. ``load(source, max_side)`` in place of
+    ``load_reduced``: ``tiles.Tiling.load``, which only opens an image larger than a window."""
+    try:
+        return (load or load_reduced)(source, max_side), None
+    except BadImage as exc:
+        return None, str(exc)

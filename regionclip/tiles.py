@@ -61,6 +61,10 @@ class Tiling:
         """Whether an image of (h, w) is tiled: one no larger than a window runs as it is."""
         return max(h, w) > self.size
 
+    def load(self, source, max_side: int | None) -> LoadedImage | TiledImage:
+        """``source`` decoded for these windows (``load_tiled``)."""
+        return load_tiled(source, self, max_side)
+
     def windows(self, h: int, w: int) -> np.ndarray:
         """(K, 4) int64 xyxy windows in original pixels, row by row, covering the image. Along a
         side longer than ``size`` the windows are evenly spaced with at least ``overlap`` between

@@ -147,6 +147,44 @@ def test_the_item_list_on_disk_gives_any_shard_and_is_read_lazily(tmp_path):
         list(lazy)
 
 
+def test_the_ray_engines_decoding_stage_runs_without_torch(tmp_path):
+    """What a Ray decoding task does, in a fresh process: import the stage's module, unpickle its
+    item list, decode two shards. Torch stays unloaded, so a decoding worker starts in a fraction
+    of a second: with torch, each of them paid its import (seconds) on the same cores as the model."""
+    import pickle
+    import subprocess
+    import sys
+
+    from regionclip.label.items import write_items
+
+    images = make_images(tmp_path / "imgs", 3)
+    listing = write_items(tmp_path / "items", iter(images + [str(tmp_path / "missing.png")]), 2, tmp_path / "items")
+    code = f"""
+import pickle, sys
+from regionclip.label.ray_engine import _decode_shard
+rows = {{"shard": [0, 1], "start": [0, 2], "stop": [2, 4]}}
+batches = list(_decode_shard(rows, pickle.loads({pickle.dumps(listing)!r}), 24, 2, "/"))
+print(pickle.dumps(batches).hex())
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    decoded, loaded = proc.stdout.splitlines()
+    assert loaded == "[]"
+    batches = pickle.loads(bytes.fromhex(decoded))
+    assert [list(b["key"]) for b in batches] == [images[:2], [images[2], str(tmp_path / "missing.png")]]
+    images_out = [pickle.loads(x) for b in batches for x in b["image"] if x]
+    assert [im.pixels.shape for im in images_out] == [(24, 24, 3)] * 3
+    assert batches[1]["error"][1] and not batches[1]["image"][1]
+    # With windows (--tile), an image larger than one is only opened: its actor decodes the windows.
+    from regionclip.label.ray_engine import _decode_shard
+    from regionclip.tiles import TiledImage, Tiling
+
+    big = write_items(tmp_path / "big", iter(make_images(tmp_path / "big-imgs", 1, size=100)), 2, tmp_path / "big")
+    [batch] = _decode_shard({"shard": [0], "start": [0], "stop": [1]}, big, 24, 2, "/", Tiling(64))
+    assert isinstance(pickle.loads(batch["image"][0]), TiledImage)
+
+
 def test_a_file_given_twice_under_two_spellings_is_one_item(tmp_path, images, monkeypatch):
     monkeypatch.chdir(os.path.dirname(images[0]))
     link = tmp_path / "link.png"

@@ -6,7 +6,10 @@ runs. The pipeline streams, in three stages:
 
 1. the unfinished shards, one row each (an index: none of its images);
 2. ``_decode_shard``, CPU tasks: a shard's items read from the folder's item list
-   (``items.ItemList``, by offset) and decoded (``predictor.decode``), yielded a batch at a time;
+   (``items.ItemList``, by offset) and decoded (``io.decode``), yielded a batch at a time. Neither
+   this module nor that path imports torch, so a decoding worker starts in well under a second:
+   on a 2-core machine, torch's import in each of them (seconds apiece, beside the model) had cost
+   a 1,000-image run about a tenth of its time (docs/label.md);
 3. ``_Labeller`` actors, one per GPU (or per two CPUs): each builds the model and resolves the
    vocabulary once, labels what stage 2 decoded, writes the rows as a part of their shard
    (``store.write_part``) and returns counts only.
@@ -53,13 +56,13 @@ def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int,
     """Stage 2 (a Ray task): for each shard row, its images decoded, ``batch`` at a time (with
     ``tiling``, an image larger than a window only opened for its size: its actor decodes it at
     the scale the windows need, so it never travels whole)."""
-    from ..decoding import decode
+    from ..io import decode
 
     for index, start, stop in zip(rows["shard"], rows["start"], rows["stop"]):
         shard = Shard(int(index), int(start), int(stop))
         out: dict[str, list] = {"shard": [], "position": [], "key": [], "image": [], "error": [], "decoder": []}
         for position, item in enumerate(items.iter(shard)):
-            loaded, error = decode(_readable(item, cwd), max_side, tiling)
+            loaded, error = decode(_readable(item, cwd), max_side, tiling.load if tiling is not None else None)
             for name, value in zip(out, (shard.index, position, str(item),
                                          pickle.dumps(loaded, protocol=5) if loaded is not None else b"",
                                          error or "", os.getpid())):
@@ -127,14 +130,24 @@ def _ray():
     return ray
 
 
+# Ray's settings for a local Ray (``start_local``): what the environment sets (``RAY_<name>``) wins.
+LOCAL_SETTINGS = {
+    # Workers at the driver's priority, not Ray's nice 15 (which lets its daemons come first). Here
+    # the workers do the labelling, and at nice 15 any busy process on the machine starves them:
+    # the local test took 10 s alone and 3 minutes beside a 2-thread matmul loop, its actor
+    # "pending" while it built the model at a few % of a core.
+    "worker_niceness": 0,
+    # Idle workers kept for 10 minutes, not Ray's 1 s (past one per CPU): decoding and merging
+    # come in bursts, and each burst started fresh worker processes, each importing Ray again
+    # (about a CPU-second apiece): 11 of them in a 1,000-image run on 2 cores, 2 with this.
+    "idle_worker_killing_time_threshold_ms": 600_000,
+}
+
+
 def start_local(num_cpus: int | None = None) -> None:
-    """Start a local Ray whose workers run at the driver's priority, not Ray's default of nice 15
-    (which lets its daemons come first). Here the workers do the labelling, and at nice 15 any busy
-    process on the machine starves them: the local test took 10 s alone and 3 minutes beside a
-    2-thread matmul loop, its actor "pending" while it built the model at a few % of a core.
-    ``RAY_worker_niceness`` in the environment still wins."""
+    """Start a local Ray tuned for this pipeline on one machine (``LOCAL_SETTINGS``)."""
     ray = _ray()
-    config = {} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
+    config = {k: v for k, v in LOCAL_SETTINGS.items() if f"RAY_{k}" not in os.environ}
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _system_config=config)
 
 
