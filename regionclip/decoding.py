@@ -49,7 +49,7 @@ class _Decoded(IterableDataset):
                 yield [self._decode(i, source, boxes) for i, (source, boxes) in part]
 
     def _decode(self, i: int, source, boxes) -> Item:
-        loaded, error = decode(source, self.max_side, self.tiling.load if self.tiling is not None else None)
+        loaded, error = decode(source, self.max_side, self.tiling)
         return Item(i, source, loaded, error, boxes)
 
 

@@ -271,13 +271,12 @@ def to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Te
     return t.permute(2, 0, 1).float().div_(255.0)
 
 
-
-def decode(source, max_side: int | None, load=None) -> tuple[LoadedImage | None, str | None]:
+def decode(source, max_side: int | None, tiling=None) -> tuple[LoadedImage | None, str | None]:
     """``(loaded, None)``, or ``(None, why)`` for a source that cannot be decoded: what the
     predictor's workers do to each source (``max_side``: the backend's ``input_max_side``), and a
-    pipeline that decodes in a stage of its own. ``load(source, max_side)`` in place of
-    ``load_reduced``: ``tiles.Tiling.load``, which only opens an image larger than a window."""
+    pipeline that decodes in a stage of its own. With ``tiling`` (a ``tiles.Tiling``, which this
+    module does not import) an image larger than a window is only opened (``Tiling.load``)."""
     try:
-        return (load or load_reduced)(source, max_side), None
+        return (tiling.load if tiling is not None else load_reduced)(source, max_side), None
     except BadImage as exc:
         return None, str(exc)

@@ -62,7 +62,7 @@ def _decode_shard(rows: dict, items: ItemList, max_side: int | None, batch: int,
         shard = Shard(int(index), int(start), int(stop))
         out: dict[str, list] = {"shard": [], "position": [], "key": [], "image": [], "error": [], "decoder": []}
         for position, item in enumerate(items.iter(shard)):
-            loaded, error = decode(_readable(item, cwd), max_side, tiling.load if tiling is not None else None)
+            loaded, error = decode(_readable(item, cwd), max_side, tiling)
             for name, value in zip(out, (shard.index, position, str(item),
                                          pickle.dumps(loaded, protocol=5) if loaded is not None else b"",
                                          error or "", os.getpid())):
